@@ -1,0 +1,96 @@
+"""Bootstrap base model: a tiny Llama-architecture AR LM trained on the stdlib source.
+
+No hub, no downloads: the running interpreter's standard library is a real Python
+corpus on every machine. A byte-level BPE tokenizer (``tokenizers``) is trained on
+the train split, then a small causal LM with the shared training loop. The result
+is a normal HF checkpoint dir; from there on it is treated like any user checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from dlm.data import Blocks, read_documents, tokenize_blocks
+from dlm.diffusion import ar_loss
+from dlm.modeling import Loaded, save_model
+from dlm.train import TrainConfig, TrainResult, train
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+# Unused special tokens reserved in the vocabulary, as many real tokenizers have;
+# the conversion reuses one of them as [MASK] instead of resizing the embeddings.
+RESERVED = [f"<|reserved_{i}|>" for i in range(4)]
+
+
+class BootstrapConfig(BaseModel):
+    """Size and training budget of the bootstrap AR model (defaults: the embedded demo)."""
+
+    data: str = Field("stdlib:train", description="corpus for the tokenizer and the model")
+    max_chars: int = Field(6_000_000, gt=0, description="corpus cap in characters (deterministic subset)")
+    vocab_size: int = Field(4096, ge=300, description="BPE vocabulary size, special tokens included")
+    hidden_size: int = Field(256, gt=0, description="model width")
+    num_layers: int = Field(4, gt=0, description="transformer blocks")
+    num_heads: int = Field(4, gt=0, description="attention heads")
+    intermediate_size: int = Field(688, gt=0, description="MLP width")
+    seq_len: int = Field(128, ge=8, description="training sequence length")
+    max_positions: int = Field(512, ge=8, description="position capacity written to the config")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=600, batch_size=16, lr=2e-3, warmup_steps=30),
+                               description="optimisation settings")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (GPT-2 style) wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD, *RESERVED],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=RESERVED, model_max_length=1_000_000)
+
+
+def build_model(cfg: BootstrapConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions, tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.train.seed)
+    return LlamaForCausalLM(config)
+
+
+def ar_objective(model, batch, step, generator):
+    return ar_loss(model, batch["input_ids"])
+
+
+def bootstrap(cfg: BootstrapConfig, output: str | os.PathLike, *, progress: bool = True,
+              checkpoint_dir: str | os.PathLike | None = None) -> TrainResult:
+    """Train tokenizer + tiny AR model and save them to ``output`` (atomic)."""
+    docs = read_documents(cfg.data, max_chars=cfg.max_chars)
+    tokenizer = train_tokenizer([d.text for d in docs], cfg.vocab_size)
+    blocks = Blocks(tokenize_blocks(tokenizer, docs, cfg.seq_len))
+    model = build_model(cfg, tokenizer)
+    mb = cfg.train.micro_batch()
+    result = train(model, lambda step, m: blocks.batch(step * cfg.train.grad_accum + m, mb, cfg.train.seed),
+                   ar_objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
+    report = {"stage": "bootstrap", "config": cfg.model_dump(), "train_blocks": blocks.ids.shape[0],
+              "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}
+    save_model(Loaded(model, tokenizer, None), output, extra={"bootstrap.json": report})
+    return result
+
+
+def is_bootstrapped(path: Path, cfg: BootstrapConfig) -> bool:
+    """True when ``path`` already holds a bootstrap made with exactly this config (demo reruns skip it)."""
+    report = Path(path) / "bootstrap.json"
+    return report.is_file() and json.loads(report.read_text()).get("config") == cfg.model_dump()

@@ -1,0 +1,53 @@
+"""The ``factory`` command line.
+
+Each command group lives in its own module exposing ``register(subparsers)``;
+modules stay light at import time (torch and Prefect are imported inside the
+handlers) so ``factory catalog ...`` starts fast on serving nodes. User errors
+(FactoryError, CatalogError) print one ``error: ...`` line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from catalog.errors import CatalogError
+from dlm.errors import FactoryError
+
+COMMAND_MODULES = [
+    "dlm.cli_core",  # bootstrap, convert, eval
+    "catalog.cli",  # catalog publish/pull/list/show/verify/gc
+    "flows.cli",  # demo (Prefect flows)
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="factory", description="Diffusion LM factory: convert, tune, validate, publish.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except (FactoryError, CatalogError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

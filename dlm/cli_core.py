@@ -1,0 +1,99 @@
+"""``factory bootstrap | convert | eval``: the foundation commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bootstrap", help="train the tiny stdlib tokenizer + AR base model",
+                       description="Train a byte-level BPE tokenizer and a tiny Llama AR model on the "
+                                   "interpreter's stdlib source; save an HF checkpoint dir.")
+    p.add_argument("--output", required=True, help="output checkpoint dir (must not exist)")
+    p.add_argument("--steps", type=int, help="training steps (default: 600)")
+    p.add_argument("--checkpoint-dir", help="resume/checkpoint dir for the training run")
+    p.set_defaults(func=_bootstrap)
+
+    p = sub.add_parser("convert", help="convert an AR checkpoint into a masked-diffusion LM",
+                       description="DiffuLLaMA-style conversion: mask token, attention annealing, shift, "
+                                   "masked-diffusion loss. Writes an HF dir with diffusion.json.")
+    p.add_argument("--base-model", required=True, help="AR checkpoint: dir, file:// or s3:// URL, or hub id")
+    p.add_argument("--output", required=True, help="output dir (must not exist)")
+    p.add_argument("--data", help="adaptation corpus: stdlib[:split], a path or URL (default: stdlib:train)")
+    p.add_argument("--steps", type=int, help="training steps (default: 200)")
+    p.add_argument("--anneal-steps", type=int, help="causal -> bidirectional annealing steps (default: 100)")
+    p.add_argument("--no-shift", action="store_true", help="predict token i at position i (ablation)")
+    p.add_argument("--seq-len", type=int, help="training sequence length (default: 128)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON config path")
+    p.add_argument("--checkpoint-dir", help="checkpoint/resume dir (default: none)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("eval", help="ELBO (diffusion) or exact NLL (AR) in bits/token; prints one JSON line")
+    p.add_argument("--model", required=True, help="checkpoint dir or URL")
+    p.add_argument("--data", help="corpus (default: stdlib:heldout)")
+    p.add_argument("--mc-samples", type=int, help="Monte Carlo samples of t (default: 128)")
+    p.add_argument("--max-blocks", type=int, help="blocks evaluated (default: 64)")
+    p.add_argument("--seq-len", type=int, help="block length (default: 128)")
+    p.add_argument("--seed", type=int, help="seed (default: 0)")
+    p.set_defaults(func=_eval)
+
+
+def _set(obj, **values):
+    """Copy of a pydantic config with the given non-None values set (validated)."""
+    data = obj.model_dump()
+    data.update({k: v for k, v in values.items() if v is not None})
+    return type(obj).model_validate(data)
+
+
+def _validated(make):
+    from pydantic import ValidationError
+
+    from dlm.errors import FactoryError
+
+    try:
+        return make()
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise FactoryError(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+
+
+def _bootstrap(args) -> int:
+    from dlm.bootstrap import BootstrapConfig, bootstrap
+
+    cfg = BootstrapConfig()
+    cfg = _validated(lambda: _set(cfg, train=_set(cfg.train, steps=args.steps).model_dump()))
+    result = bootstrap(cfg, args.output, checkpoint_dir=args.checkpoint_dir, progress=sys.stderr.isatty())
+    print(json.dumps({"output": args.output, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}))
+    return 0
+
+
+def _convert(args) -> int:
+    from dlm.convert import ConvertConfig, convert
+
+    base = ConvertConfig()
+
+    def make():
+        train = _set(base.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     precision=args.precision, deepspeed=args.deepspeed)
+        return _set(base, data=args.data, anneal_steps=args.anneal_steps, seq_len=args.seq_len,
+                    shift=False if args.no_shift else None, train=train.model_dump())
+
+    cfg = _validated(make)
+    result = convert(args.base_model, args.output, cfg, checkpoint_dir=args.checkpoint_dir,
+                     progress=sys.stderr.isatty())
+    print(json.dumps({"output": args.output, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}))
+    return 0
+
+
+def _eval(args) -> int:
+    from dlm.evaluate import EvalConfig, evaluate
+
+    cfg = _validated(lambda: _set(EvalConfig(), data=args.data, mc_samples=args.mc_samples,
+                                  max_blocks=args.max_blocks, seq_len=args.seq_len, seed=args.seed))
+    print(json.dumps(evaluate(args.model, cfg)))
+    return 0

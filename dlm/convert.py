@@ -1,0 +1,112 @@
+"""AR -> masked-diffusion conversion (DiffuGPT / DiffuLLaMA, Gong et al. 2024; AR2Diff, 2024).
+
+Recipe: pick a mask token (reuse the tokenizer's mask or an unused reserved special
+token, else add ``[MASK]`` and resize the embeddings, new row = mean embedding);
+train with the masked-diffusion loss while annealing the attention mask from causal
+to bidirectional over ``anneal_steps`` (allowed = causal OR Bernoulli(r), r =
+min(1, (step+1)/anneal_steps)); keep the *shift* (logits at i predict token i+1) so
+the AR head keeps its meaning. The output is an HF dir with ``config.is_causal =
+False`` and ``diffusion.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from pydantic import BaseModel, Field
+
+from dlm.data import Blocks, read_documents, tokenize_blocks
+from dlm.diffusion import diffusion_loss
+from dlm.errors import FactoryError
+from dlm.modeling import (
+    DiffusionSpec,
+    Loaded,
+    load_model,
+    save_model,
+    set_bidirectional,
+    tokenizer_digest,
+)
+from dlm.paths import dir_digest
+from dlm.train import TrainConfig, TrainResult, train
+
+_UNUSED = re.compile(r"reserved|unused", re.IGNORECASE)
+
+
+class ConvertConfig(BaseModel):
+    """Settings of the AR -> diffusion conversion (defaults: the embedded demo)."""
+
+    data: str = Field("stdlib:train", description="adaptation corpus (stdlib[:split], path or URL)")
+    max_chars: int = Field(2_000_000, gt=0, description="corpus cap in characters")
+    seq_len: int = Field(128, ge=8, description="training sequence length")
+    shift: bool = Field(True, description="DiffuLLaMA shift: logits at i predict token i+1")
+    anneal_steps: int = Field(100, ge=0, description="steps of causal -> bidirectional attention annealing (0: none)")
+    mask_token: str = Field("[MASK]", description="text of the mask token when one must be added")
+    eps: float = Field(1e-3, gt=0, lt=1, description="minimum masking rate")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=200, batch_size=16, lr=1e-3, warmup_steps=20),
+                               description="optimisation settings")
+
+
+def ensure_mask_token(loaded: Loaded, preferred: str = "[MASK]") -> tuple[int, str, str]:
+    """Choose or create the mask token. Returns (id, text, how) with how in existing|reused|added."""
+    tok, model = loaded.tokenizer, loaded.model
+    if tok.mask_token is not None and tok.mask_token_id is not None:
+        return tok.mask_token_id, tok.mask_token, "existing"
+    taken = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
+    for token_id, added in sorted(tok.added_tokens_decoder.items()):
+        if added.special and token_id not in taken and _UNUSED.search(added.content):
+            tok.mask_token = added.content
+            return token_id, added.content, "reused"
+    rows = model.get_input_embeddings().weight.shape[0]
+    tok.add_special_tokens({"mask_token": preferred})
+    mask_id = tok.mask_token_id
+    try:
+        if mask_id >= rows:
+            model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
+    except Exception as e:  # e.g. an embedding type that cannot grow
+        raise FactoryError(f"no room for a mask token and the embeddings cannot be resized ({e})") from e
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[mask_id] = emb[:rows].mean(0)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != emb.data_ptr():
+            head.weight[mask_id] = head.weight[:rows].mean(0)
+    return mask_id, preferred, "added"
+
+
+def anneal_rate(step: int, anneal_steps: int) -> float | None:
+    """Share of extra (non-causal) attention entries at ``step``; None once fully bidirectional."""
+    if anneal_steps <= 0 or step + 1 >= anneal_steps:
+        return None
+    return (step + 1) / anneal_steps
+
+
+def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: ConvertConfig, *,
+            checkpoint_dir: str | os.PathLike | None = None, progress: bool = True) -> TrainResult:
+    """Convert the AR checkpoint ``base_model`` into a diffusion LM saved at ``output`` (atomic)."""
+    loaded = load_model(base_model)
+    if loaded.is_diffusion:
+        raise FactoryError(f"{base_model}: already a diffusion model (has diffusion.json)")
+    if cfg.seq_len > (loaded.max_positions or cfg.seq_len):
+        raise FactoryError(f"--seq-len {cfg.seq_len} exceeds the model's {loaded.max_positions} positions")
+    docs = read_documents(cfg.data, max_chars=cfg.max_chars)
+    blocks = Blocks(tokenize_blocks(loaded.tokenizer, docs, cfg.seq_len, max_positions=loaded.max_positions))
+    mask_id, mask_text, how = ensure_mask_token(loaded, cfg.mask_token)
+    spec = DiffusionSpec(mask_token_id=mask_id, mask_token=mask_text, shift=cfg.shift, eps=cfg.eps,
+                         tokenizer_digest=tokenizer_digest(loaded.tokenizer), source=os.fspath(base_model),
+                         source_digest=dir_digest(loaded.path))
+    model = loaded.model
+
+    def objective(model, batch, step, generator):
+        return diffusion_loss(model, spec, batch["input_ids"], anneal_r=anneal_rate(step, cfg.anneal_steps),
+                              generator=generator)
+
+    mb = cfg.train.micro_batch()
+    result = train(model, lambda step, m: blocks.batch(step * cfg.train.grad_accum + m, mb, cfg.train.seed),
+                   objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
+    set_bidirectional(model)
+    spec.stages.append({"stage": "convert", "mask_token": how, "config": cfg.model_dump(),
+                        "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s})
+    save_model(Loaded(model, loaded.tokenizer, spec), output)
+    return result

@@ -1,0 +1,169 @@
+"""Loading and saving checkpoints: the one loader and the one saver of the factory.
+
+A checkpoint is a normal Hugging Face dir (config.json, *.safetensors, tokenizer
+files). A diffusion LM additionally carries ``diffusion.json`` (a DiffusionSpec)
+and ``config.is_causal = False``. Safetensors only; ``trust_remote_code`` is off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from dlm.errors import FactoryError
+from dlm.paths import atomic_dir, materialize
+
+SPEC_FILE = "diffusion.json"
+
+
+class DiffusionSpec(BaseModel):
+    """What turns a checkpoint into a masked-diffusion LM (stored as ``diffusion.json``)."""
+
+    schema_version: int = Field(1, description="format version of this file")
+    objective: Literal["masked_diffusion"] = Field("masked_diffusion", description="training objective (MDLM/LLaDA absorbing-state diffusion)")
+    mask_token_id: int = Field(description="id of the [MASK] (absorbing) token")
+    mask_token: str = Field(description="text of the mask token")
+    shift: bool = Field(True, description="logits at position i predict token i+1 (DiffuLLaMA); first token never masked")
+    eps: float = Field(1e-3, description="lower bound of the masking rate t ~ U(eps, 1)")
+    tokenizer_digest: str = Field(description="sha256 of the tokenizer; ensemble members must match")
+    source: str = Field("", description="where the AR checkpoint came from")
+    source_digest: str = Field("", description="sha256 over the source's safetensors files")
+    stages: list[dict[str, Any]] = Field(default_factory=list, description="config and result of each training stage, oldest first")
+
+    @classmethod
+    def read(cls, model_dir: Path) -> DiffusionSpec:
+        return cls.model_validate_json((Path(model_dir) / SPEC_FILE).read_text())
+
+    def write(self, model_dir: Path) -> None:
+        (Path(model_dir) / SPEC_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+@dataclass
+class Loaded:
+    """A model with its tokenizer; ``spec`` is None for an autoregressive checkpoint."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    spec: DiffusionSpec | None
+    path: Path | None = None
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.spec is not None
+
+    @property
+    def max_positions(self) -> int | None:
+        return max_positions(self.model.config)
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Digest of everything that maps text to ids (fast tokenizers: the full JSON)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+def check_causal_lm(config, where: str) -> None:
+    """Refuse anything that is not a decoder-only causal LM, with a clear message."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise FactoryError(f"{where}: {model_type} is an encoder-decoder model; only decoder-only causal LMs can be converted")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FactoryError(f"{where}: model_type '{model_type}' is not a decoder-only causal LM (encoder-only or unsupported)")
+
+
+def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a checkpoint from a dir, ``file://``/``s3://`` URL or hub id.
+
+    Diffusion checkpoints (with ``diffusion.json``) get their attention modules
+    marked non-causal; callers still pass explicit masks (see dlm.diffusion).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = materialize(src)
+    where = os.fspath(src)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FactoryError(f"{where}: not a checkpoint directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
+        why = f"only pickle weights ({', '.join(sorted(pickled))}) which are refused" if pickled else "no weights"
+        raise FactoryError(f"{where}: no *.safetensors weights ({why})")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise FactoryError(f"{where}: unreadable config.json ({e})") from e
+    check_causal_lm(config, where)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, OSError) as e:
+        raise FactoryError(f"{where}: no usable tokenizer ({e})") from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa"
+        )
+    model.eval()
+    spec = DiffusionSpec.read(path) if (path / SPEC_FILE).is_file() else None
+    if spec is not None:
+        if spec.tokenizer_digest != tokenizer_digest(tokenizer):
+            raise FactoryError(f"{where}: tokenizer does not match the digest in {SPEC_FILE}")
+        set_bidirectional(model)
+    return Loaded(model=model, tokenizer=tokenizer, spec=spec, path=path)
+
+
+def set_bidirectional(model) -> None:
+    """Mark the model non-causal: config (persisted) and every attention module."""
+    model.config.is_causal = False
+    for module in model.modules():
+        if hasattr(module, "is_causal") and isinstance(module.is_causal, bool):
+            module.is_causal = False
+
+
+def save_model(loaded: Loaded, dest: str | os.PathLike, *, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Write model + tokenizer (+ diffusion.json) as safetensors, via temp dir then rename.
+
+    ``extra`` maps file names to JSON-able objects written beside the weights.
+    """
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        if loaded.spec is not None:
+            loaded.spec.write(tmp)
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return Path(dest).resolve()
+
+
+def output_head(model):
+    """(base model returning final hidden states, output projection), or None for exotic heads.
+
+    Computing the head only at masked positions saves most of the vocabulary
+    projection during diffusion training. Models that post-process logits
+    (soft-capping, scaling) fall back to the full forward.
+    """
+    cfg = model.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    head = model.get_output_embeddings()
+    base = getattr(model, "base_model", None)
+    if head is None or base is None or base is model:
+        return None
+    return base, head

@@ -1,0 +1,140 @@
+"""The one path/URL resolver of the factory, plus atomic output directories.
+
+Sources may be a local path, a ``file://`` or any fsspec URL (``s3://`` through
+s3fs), or a Hugging Face hub id (only where the machine has network). Remote
+sources are copied into ``$FACTORY_HOME/cache/remote/`` once and reused.
+Pickle-format weights are never fetched: only the files a safetensors checkpoint
+or a text corpus needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from dlm.errors import FactoryError
+
+# Files worth fetching from a remote model source: no *.bin/*.pt/*.pkl, ever.
+MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.md", "*.jinja")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def factory_home() -> Path:
+    """Root of everything the embedded defaults write (``FACTORY_HOME``, default ``./.factory``)."""
+    return Path(os.environ.get("FACTORY_HOME", ".factory")).resolve()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_digest(path: Path, patterns: tuple[str, ...] = ("*.safetensors",)) -> str:
+    """sha256 over (relative name, file sha256) of the files matching ``patterns``."""
+    files = sorted({p for pat in patterns for p in Path(path).rglob(pat) if p.is_file()})
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def materialize(src: str | os.PathLike, *, patterns: tuple[str, ...] = MODEL_PATTERNS) -> Path:
+    """Return a local path holding ``src`` (a file or a directory).
+
+    Raises FactoryError when the source does not exist or cannot be fetched.
+    """
+    s = os.fspath(src)
+    if not s:
+        raise FactoryError("empty source path")
+    if "://" in s:
+        if s.startswith("file://"):
+            return _existing(Path(s[len("file://") :]), s)
+        return _fetch_fsspec(s, patterns)
+    path = Path(s).expanduser()
+    if path.exists():
+        return path.resolve()
+    if _HUB_ID.match(s) and not s.startswith((".", "/")):
+        return _fetch_hub(s, patterns)
+    raise FactoryError(f"{s}: no such file or directory")
+
+
+def _existing(path: Path, shown: str) -> Path:
+    if not path.exists():
+        raise FactoryError(f"{shown}: no such file or directory")
+    return path.resolve()
+
+
+def _fetch_fsspec(url: str, patterns: tuple[str, ...]) -> Path:
+    import fsspec
+
+    dest = factory_home() / "cache" / "remote" / hashlib.sha256(url.encode()).hexdigest()[:20]
+    if dest.exists():
+        return _single_file_or_dir(dest)
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        if not fs.exists(root):
+            raise FactoryError(f"{url}: no such object or prefix")
+        with atomic_dir(dest) as tmp:
+            if fs.isdir(root):
+                for remote in fs.find(root):
+                    rel = remote[len(root.rstrip("/")) + 1 :]
+                    if any(Path(rel).match(p) for p in patterns):
+                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        fs.get(remote, str(tmp / rel))
+            else:
+                fs.get(root, str(tmp / Path(root).name))
+    except FactoryError:
+        raise
+    except Exception as e:  # network, credentials, missing bucket: one clear line
+        raise FactoryError(f"{url}: cannot fetch ({type(e).__name__}: {e})") from e
+    return _single_file_or_dir(dest)
+
+
+def _single_file_or_dir(dest: Path) -> Path:
+    entries = list(dest.iterdir())
+    return entries[0] if len(entries) == 1 and entries[0].is_file() else dest
+
+
+def _fetch_hub(repo_id: str, patterns: tuple[str, ...]) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
+    except Exception as e:
+        raise FactoryError(f"{repo_id}: not a local path and not fetchable from the hub ({type(e).__name__})") from e
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside ``dest``; rename it to ``dest`` only if the block succeeds.
+
+    On any exception the temp dir is removed, so a failed stage never leaves a
+    partial output directory behind.
+    """
+    dest = Path(dest).resolve()
+    if dest.exists() and not overwrite:
+        raise FactoryError(f"{dest}: output already exists (choose another --output or remove it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():  # overwrite: swap in, then drop the old one
+        trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
+        dest.rename(trash)
+        tmp.rename(dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(dest)

@@ -1,0 +1,30 @@
+"""``factory demo``: run the factory's flows on the embedded defaults (ephemeral Prefect API)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def prefect_env() -> None:
+    """Keep Prefect's state under $FACTORY_HOME/prefect and route dlm's logs into flow runs."""
+    from dlm.paths import factory_home
+
+    os.environ.setdefault("PREFECT_HOME", str(factory_home() / "prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dlm")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole factory on embedded defaults (CPU, no network)",
+                       description="Bootstrap the stdlib AR model, convert it to a diffusion LM and evaluate "
+                                   "both, as Prefect flows on the ephemeral API. Outputs go to $FACTORY_HOME "
+                                   "(default ./.factory); re-runs reuse finished stages.")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    prefect_env()
+    from flows.demo import demo_flow
+
+    demo_flow()
+    return 0

@@ -1,0 +1,14 @@
+"""``factory`` demo flow: every stage on the embedded defaults, in pipeline order."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.convert import convert_flow
+
+
+@flow(name="factory-demo", log_prints=True)
+def demo_flow() -> dict:
+    """Bootstrap -> convert -> evaluate (later stages are added here as they land)."""
+    converted = convert_flow()
+    return {"convert": converted}

@@ -1,0 +1,65 @@
+"""Prefect tasks over dlm/: bootstrap, convert, evaluate.
+
+Thin wrappers: orchestration only (retries, idempotent re-runs, artifacts). Long
+training tasks checkpoint under ``$FACTORY_HOME/cache/checkpoints/`` so a retried
+or re-run task resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from dlm.bootstrap import BootstrapConfig, bootstrap, is_bootstrapped
+from dlm.convert import ConvertConfig, convert
+from dlm.evaluate import EvalConfig, evaluate
+from dlm.modeling import DiffusionSpec
+from dlm.paths import factory_home
+
+
+def _checkpoint_dir(stage: str, config: dict) -> Path:
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return factory_home() / "cache" / "checkpoints" / f"{stage}-{key}"
+
+
+@task(name="bootstrap", retries=1, task_run_name="bootstrap -> {output}")
+def bootstrap_task(output: str, config: BootstrapConfig | None = None) -> str:
+    """Train the stdlib base model unless ``output`` already holds one made with the same config."""
+    cfg = config or BootstrapConfig()
+    if is_bootstrapped(Path(output), cfg):
+        get_run_logger().info("reusing bootstrap model at %s", output)
+        return output
+    result = bootstrap(cfg, output, checkpoint_dir=_checkpoint_dir("bootstrap", cfg.model_dump()), progress=False)
+    get_run_logger().info("bootstrap: final loss %.3f, %.0f tokens/s", result.final_loss, result.tokens_per_s)
+    return output
+
+
+@task(name="convert", retries=1, task_run_name="convert {base_model} -> {output}")
+def convert_task(base_model: str, output: str, config: ConvertConfig | None = None) -> str:
+    """Convert ``base_model`` into a DLM at ``output`` (reused when already converted with this config)."""
+    cfg = config or ConvertConfig()
+    spec_file = Path(output) / "diffusion.json"
+    if spec_file.is_file():
+        stages = DiffusionSpec.read(Path(output)).stages
+        if stages and stages[0].get("config") == cfg.model_dump() and stages[0].get("source") in (None, base_model):
+            get_run_logger().info("reusing converted model at %s", output)
+            return output
+    ckpt = _checkpoint_dir("convert", {"base": base_model, **cfg.model_dump()})
+    result = convert(base_model, output, cfg, checkpoint_dir=ckpt, progress=False)
+    get_run_logger().info("convert: final loss %.3f, %.0f tokens/s", result.final_loss, result.tokens_per_s)
+    return output
+
+
+@task(name="evaluate", task_run_name="evaluate {model}")
+def eval_task(model: str, config: EvalConfig | None = None) -> dict:
+    """ELBO (diffusion) or exact NLL (AR) in bits/token on the held-out split."""
+    return evaluate(model, config or EvalConfig())
+
+
+def report_artifact(key: str, rows: list[dict], description: str) -> None:
+    """A Prefect table artifact (shown in the UI under the flow run)."""
+    create_table_artifact(key=key, table=rows, description=description)
