@@ -38,7 +38,7 @@ class BootstrapConfig(BaseModel):
     intermediate_size: int = Field(688, gt=0, description="MLP width")
     seq_len: int = Field(128, ge=8, description="training sequence length")
     max_positions: int = Field(512, ge=8, description="position capacity written to the config")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=600, batch_size=16, lr=2e-3, warmup_steps=30),
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup_steps=30),
                                description="optimisation settings")
 
 

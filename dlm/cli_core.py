@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a byte-level BPE tokenizer and a tiny Llama AR model on the "
                                    "interpreter's stdlib source; save an HF checkpoint dir.")
     p.add_argument("--output", required=True, help="output checkpoint dir (must not exist)")
-    p.add_argument("--steps", type=int, help="training steps (default: 600)")
+    p.add_argument("--steps", type=int, help="training steps (default: 400)")
     p.add_argument("--checkpoint-dir", help="resume/checkpoint dir for the training run")
     p.set_defaults(func=_bootstrap)
 

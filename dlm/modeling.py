@@ -86,7 +86,10 @@ def check_causal_lm(config, where: str) -> None:
     model_type = getattr(config, "model_type", "?")
     if getattr(config, "is_encoder_decoder", False):
         raise FactoryError(f"{where}: {model_type} is an encoder-decoder model; only decoder-only causal LMs can be converted")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    # BERT-style encoders (token-type embeddings) sit in the causal-LM mapping as
+    # `*LMHeadModel` but are only causal when explicitly configured `is_decoder`.
+    encoder = getattr(config, "type_vocab_size", None) is not None and not getattr(config, "is_decoder", False)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
         raise FactoryError(f"{where}: model_type '{model_type}' is not a decoder-only causal LM (encoder-only or unsupported)")
 
 

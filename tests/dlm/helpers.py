@@ -1,0 +1,53 @@
+"""Test helpers: tiny random-weight checkpoints of several architectures, built from configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def plain_tokenizer(texts: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer with only EOS/PAD specials: no room for a mask token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_config(arch: str, vocab_size: int, positions: int = 128):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=positions)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=positions)
+    raise ValueError(arch)
+
+
+def save_random_checkpoint(arch: str, tokenizer, dest: Path, *, positions: int = 128, extra_rows: int = 0) -> Path:
+    """Random-weight causal LM of ``arch`` with ``tokenizer``, saved as safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer) + extra_rows, positions))
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temp/partial dirs a failed stage might have left in ``parent``."""
+    return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith((".tmp-", ".trash-")))

@@ -1,0 +1,31 @@
+"""The bootstrap base model: a normal HF checkpoint, reproducible from its seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dlm.bootstrap import BootstrapConfig, bootstrap, is_bootstrapped
+from dlm.modeling import load_model
+from dlm.paths import sha256_file
+from dlm.train import TrainConfig
+
+
+def small() -> BootstrapConfig:
+    return BootstrapConfig(max_chars=60_000, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2,
+                           intermediate_size=64, seq_len=32, train=TrainConfig(steps=3, batch_size=4, warmup_steps=1))
+
+
+def test_bootstrap_is_a_reproducible_hf_checkpoint(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    bootstrap(small(), a, progress=False)
+    bootstrap(small(), b, progress=False)
+    assert sha256_file(a / "model.safetensors") == sha256_file(b / "model.safetensors")
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    config = json.loads((a / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    loaded = load_model(a)
+    assert loaded.spec is None and loaded.tokenizer.eos_token == "<|endoftext|>"
+    assert is_bootstrapped(Path(a), small())
+    assert not is_bootstrapped(Path(a), small().model_copy(update={"seq_len": 64}))
+    assert not any(p.suffix in {".bin", ".pt"} for p in a.iterdir())

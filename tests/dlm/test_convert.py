@@ -1,0 +1,88 @@
+"""AR -> diffusion conversion across architectures, mask-token handling and its outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dlm.convert import anneal_rate, convert, ensure_mask_token
+from dlm.diffusion import ModelDenoiser, elbo
+from dlm.modeling import Loaded, load_model, tokenizer_digest
+from dlm.train import TrainConfig
+from tests.conftest import tiny_convert_config
+from tests.dlm.helpers import plain_tokenizer, save_random_checkpoint
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+def test_convert_any_decoder_only_architecture(arch, tiny_ar, tmp_path):
+    tok = load_model(tiny_ar).tokenizer
+    base = save_random_checkpoint(arch, tok, tmp_path / f"{arch}-ar")
+    out = tmp_path / f"{arch}-dlm"
+    cfg = tiny_convert_config(anneal_steps=2, max_chars=50_000, seq_len=32,
+                              train=TrainConfig(steps=3, batch_size=4, warmup_steps=1))
+    result = convert(str(base), out, cfg, progress=False)
+    assert result.steps == 3
+    loaded = load_model(out)
+    assert loaded.spec is not None and loaded.spec.shift
+    assert loaded.model.config.is_causal is False
+    assert json.loads((out / "config.json").read_text())["is_causal"] is False
+    assert loaded.spec.mask_token == "<|reserved_0|>"  # an unused reserved token is reused
+    assert loaded.spec.stages[0]["stage"] == "convert" and loaded.spec.source == str(base)
+    assert loaded.spec.source_digest.startswith("sha256:")
+    ids = torch.randint(10, 300, (2, 32))
+    est = elbo(ModelDenoiser(loaded), ids, n=4)
+    assert est.bits_per_token > 0 and est.tokens == 2 * 31
+    assert not list(out.glob("*.bin"))
+
+
+def test_mask_token_is_added_with_mean_embedding_when_no_room():
+    tok = plain_tokenizer(["def f(x):\n    return x + 1\n"] * 20)
+    from transformers import AutoModelForCausalLM
+
+    from tests.dlm.helpers import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok)))
+    before = model.get_input_embeddings().weight.detach().clone()
+    mask_id, text, how = ensure_mask_token(Loaded(model, tok, None))
+    assert how == "added" and text == "[MASK]" and mask_id == before.shape[0]
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == before.shape[0] + 1
+    assert torch.allclose(emb[mask_id], before.mean(0), atol=1e-6)
+    assert tok.convert_tokens_to_ids("[MASK]") == mask_id
+
+
+def test_mask_token_uses_spare_embedding_rows_without_resizing():
+    tok = plain_tokenizer(["x = 1\n"] * 20)
+    from transformers import AutoModelForCausalLM
+
+    from tests.dlm.helpers import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tok) + 8))
+    rows = model.get_input_embeddings().weight.shape[0]
+    mask_id, _, how = ensure_mask_token(Loaded(model, tok, None))
+    assert how == "added" and mask_id < rows
+    assert model.get_input_embeddings().weight.shape[0] == rows
+
+
+def test_anneal_rate_schedule():
+    assert anneal_rate(0, 10) == pytest.approx(0.1)
+    assert anneal_rate(4, 10) == pytest.approx(0.5)
+    assert anneal_rate(9, 10) is None and anneal_rate(50, 10) is None
+    assert anneal_rate(0, 0) is None
+
+
+def test_tokenizer_digest_guards_the_spec(tiny_dlm, tmp_path):
+    import shutil
+
+    from dlm.errors import FactoryError
+
+    copy = tmp_path / "dlm"
+    shutil.copytree(tiny_dlm, copy)
+    spec = json.loads((copy / "diffusion.json").read_text())
+    assert spec["tokenizer_digest"] == tokenizer_digest(load_model(tiny_dlm).tokenizer)
+    spec["tokenizer_digest"] = "sha256:0"
+    (copy / "diffusion.json").write_text(json.dumps(spec))
+    with pytest.raises(FactoryError, match="tokenizer does not match"):
+        load_model(copy)

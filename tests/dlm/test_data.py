@@ -1,0 +1,64 @@
+"""Corpora, the deterministic stdlib split, token blocks and resumable batching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dlm.bootstrap import train_tokenizer
+from dlm.data import Blocks, read_documents, stdlib_documents, tokenize_blocks
+from dlm.errors import FactoryError
+
+
+def test_stdlib_split_is_deterministic_disjoint_and_skips_tests():
+    train = {d.name for d in stdlib_documents("train")}
+    held = {d.name for d in stdlib_documents("heldout")}
+    assert train and held and not train & held
+    assert 0.02 < len(held) / (len(train) + len(held)) < 0.10
+    assert not any(n.startswith(("test/", "site-packages/")) for n in train | held)
+    assert held == {d.name for d in stdlib_documents("heldout")}
+
+
+def test_max_chars_gives_a_stable_subset():
+    a = stdlib_documents("train", max_chars=200_000)
+    b = stdlib_documents("train", max_chars=200_000)
+    assert [d.name for d in a] == [d.name for d in b]
+    size = sum(len(d.text) for d in a)
+    assert 200_000 <= size < 200_000 + max(len(d.text) for d in a)
+
+
+def test_jsonl_and_directory_sources(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.py").write_text("x = 1\n")
+    (tmp_path / "d" / "skip.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"text": "world"}) + "\n")
+    assert [d.text for d in read_documents(str(tmp_path / "d"))] == ["x = 1\n"]
+    assert [d.name for d in read_documents(f"file://{tmp_path / 't.jsonl'}")] == ["t.jsonl:1", "t.jsonl:3"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(FactoryError, match=r"bad.jsonl:2: expected a JSON object"):
+        read_documents(str(tmp_path / "bad.jsonl"))
+
+
+def test_blocks_and_batches():
+    docs = stdlib_documents("heldout", max_chars=50_000)
+    tok = train_tokenizer([d.text for d in docs], 400)
+    full = tokenize_blocks(tok, docs, 16)
+    assert int((full == tok.eos_token_id).sum()) in (len(docs) - 1, len(docs))  # EOS after each doc (last may be cut)
+    ids = tokenize_blocks(tok, docs, 16, max_blocks=10)
+    assert ids.shape == (10, 16) and ids.dtype == torch.long and torch.equal(ids, full[:10])
+    blocks = Blocks(ids)
+    assert torch.equal(blocks.batch(3, 4)["input_ids"], blocks.batch(3, 4)["input_ids"])
+    seen = torch.cat([blocks.batch(s, 5)["input_ids"] for s in range(2)])  # one epoch = one permutation
+    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, ids.tolist()))
+    assert not torch.equal(blocks.batch(0, 4, seed=1)["input_ids"], blocks.batch(0, 4, seed=2)["input_ids"])
+    with pytest.raises(FactoryError, match="data too short"):
+        tokenize_blocks(tok, docs[:1], 10_000_000)
+
+
+def test_tokenizer_training_is_reproducible():
+    texts = [d.text for d in stdlib_documents("heldout", max_chars=30_000)]
+    from dlm.modeling import tokenizer_digest
+
+    assert tokenizer_digest(train_tokenizer(texts, 300)) == tokenizer_digest(train_tokenizer(texts, 300))
