@@ -1,0 +1,134 @@
+"""Quality metrics shared by every stage that generates text.
+
+- ``judge_nll``: per-token NLL (nats) of generated continuations under an AR
+  "judge" checkpoint (exact likelihood by teacher forcing). Lower is better; a
+  judge that is the source AR model measures how plausible the samples are to it.
+- ``parse_rate``: fraction of generated Python snippets that ``ast.parse`` accepts
+  (the demo corpus is Python source).
+- ``repetition``: distinct-2 and the longest repeated n-gram (degenerate loops).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import textwrap
+import warnings
+
+
+def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], batch_size: int = 16) -> float:
+    """Mean per-token NLL in nats of ``continuations[i]`` given ``prompts[i]`` under ``judge``.
+
+    ``judge`` is a ``dlm.modeling.Loaded`` AR checkpoint (``spec`` None). Tokens are
+    pooled over all continuations (a long sample weighs more). Sequences are
+    right-padded with an attention mask; a prompt too long for the judge's positions
+    loses its oldest tokens. An empty prompt is conditioned on BOS/EOS. Empty
+    continuations are skipped; if all are empty the result is NaN.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from dlm.errors import FactoryError
+
+    if getattr(judge, "spec", None) is not None:
+        raise FactoryError("judge_nll needs an autoregressive checkpoint (this one has diffusion.json)")
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    tok = judge.tokenizer
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    limit = judge.max_positions or 1 << 30
+    pairs = []
+    for p, c in zip(prompts, continuations, strict=True):
+        if not c:
+            continue
+        p = list(p) if p else ([start] if start is not None else [])
+        if not p:
+            raise FactoryError("judge_nll: empty prompt and the judge's tokenizer has no BOS/EOS to condition on")
+        if len(c) + 1 > limit:
+            raise FactoryError(f"judge_nll: continuation of {len(c)} tokens exceeds the judge's {limit} positions")
+        p = p[-(limit - len(c)):]
+        pairs.append((p, list(c)))
+    if not pairs:
+        return float("nan")
+    model = judge.model
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, len(pairs), batch_size):
+            chunk = pairs[lo : lo + batch_size]
+            T = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+            am = torch.zeros_like(ids)
+            target = torch.zeros_like(ids, dtype=torch.bool)  # tokens whose NLL counts
+            for b, (p, c) in enumerate(chunk):
+                n = len(p) + len(c)
+                ids[b, :n] = torch.tensor(p + c)
+                am[b, :n] = 1
+                target[b, len(p) : n] = True
+            ids, am, target = ids.to(device), am.to(device), target.to(device)
+            logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits[:, :-1]  # [B, T-1, V]
+            sel = target[:, 1:]
+            nll = F.cross_entropy(logits[sel].float(), ids[:, 1:][sel], reduction="sum")
+            total += float(nll)
+            count += int(sel.sum())
+    return total / count
+
+
+def parses(text: str) -> bool:
+    """True when ``ast.parse`` accepts the text as is, or after ``textwrap.dedent``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SyntaxWarning for odd escapes in generated code
+        for candidate in (text, textwrap.dedent(text)):
+            try:
+                ast.parse(candidate)
+                return True
+            except (SyntaxError, ValueError, MemoryError, RecursionError):
+                continue
+    return False
+
+
+def parse_rate(texts: list[str]) -> float:
+    """Fraction of ``texts`` that parse as Python (see ``parses``); ``[]`` -> NaN."""
+    if not texts:
+        return float("nan")
+    return sum(parses(t) for t in texts) / len(texts)
+
+
+def longest_repeat(seq: list[int]) -> int:
+    """Length of the longest n-gram occurring at least twice in ``seq`` (overlaps allowed); 0 if none."""
+
+    def repeats(n: int) -> bool:
+        seen = set()
+        for i in range(len(seq) - n + 1):
+            gram = tuple(seq[i : i + n])
+            if gram in seen:
+                return True
+            seen.add(gram)
+        return False
+
+    lo, hi = 0, max(len(seq) - 1, 0)  # a repeat of length n exists => one of length n-1 exists
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if repeats(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def repetition(sequences: list[list[int]]) -> dict:
+    """``{"distinct_2": unique bigrams / total bigrams (pooled), "longest_repeat": mean longest repeated n-gram}``.
+
+    distinct_2 is NaN when there are no bigrams; longest_repeat is NaN for ``[]``.
+    """
+    bigrams = [tuple(s[i : i + 2]) for s in sequences for i in range(len(s) - 1)]
+    distinct = len(set(bigrams)) / len(bigrams) if bigrams else float("nan")
+    longest = sum(longest_repeat(list(s)) for s in sequences) / len(sequences) if sequences else float("nan")
+    return {"distinct_2": distinct, "longest_repeat": longest}
+
+
+def mean(values) -> float:
+    """Mean ignoring NaN (NaN if nothing is left)."""
+    vals = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
