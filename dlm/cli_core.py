@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint dir or URL")
     p.add_argument("--data", help="corpus (default: stdlib:heldout)")
     p.add_argument("--mc-samples", type=int, help="Monte Carlo samples of t (default: 128)")
-    p.add_argument("--max-blocks", type=int, help="blocks evaluated (default: 64)")
+    p.add_argument("--max-blocks", type=int, help="blocks evaluated (default: 32)")
     p.add_argument("--seq-len", type=int, help="block length (default: 128)")
     p.add_argument("--seed", type=int, help="seed (default: 0)")
     p.set_defaults(func=_eval)

@@ -17,7 +17,7 @@ class EvalConfig(BaseModel):
 
     data: str = Field("stdlib:heldout", description="evaluation corpus (held-out stdlib split by default)")
     seq_len: int = Field(128, ge=8, description="block length in tokens")
-    max_blocks: int = Field(64, gt=0, description="number of blocks evaluated")
+    max_blocks: int = Field(32, gt=0, description="number of blocks evaluated")
     mc_samples: int = Field(128, gt=0, description="Monte Carlo samples of t for the ELBO (LLaDA/SMDM use 128)")
     seed: int = Field(0, description="seed of the Monte Carlo estimate")
     batch_size: int = Field(32, gt=0, description="sequences per forward pass")

@@ -12,6 +12,7 @@ def prefect_env() -> None:
 
     os.environ.setdefault("PREFECT_HOME", str(factory_home() / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dlm")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond the object store
 
 
 def register(sub: argparse._SubParsersAction) -> None:
