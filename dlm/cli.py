@@ -19,6 +19,8 @@ from dlm.errors import FactoryError
 
 COMMAND_MODULES = [
     "dlm.cli_core",  # bootstrap, convert, eval
+    "dlm.cli_generate",  # generate
+    "dlm.cli_instruct",  # instruct
     "catalog.cli",  # catalog publish/pull/list/show/verify/gc
     "flows.cli",  # demo (Prefect flows)
 ]
@@ -38,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "aiobotocore", "s3fs"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress reporting only
     try:
         return int(args.func(args) or 0)
     except (FactoryError, CatalogError) as e:

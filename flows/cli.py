@@ -17,9 +17,9 @@ def prefect_env() -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole factory on embedded defaults (CPU, no network)",
-                       description="Bootstrap the stdlib AR model, convert it to a diffusion LM and evaluate "
-                                   "both, as Prefect flows on the ephemeral API. Outputs go to $FACTORY_HOME "
-                                   "(default ./.factory); re-runs reuse finished stages.")
+                       description="Bootstrap the stdlib AR model, convert it to a diffusion LM, instruction-"
+                                   "tune it, and evaluate every stage, as Prefect flows on the ephemeral API. "
+                                   "Outputs go to $FACTORY_HOME (default ./.factory); re-runs reuse finished stages.")
     p.set_defaults(func=_demo)
 
 

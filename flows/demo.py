@@ -5,10 +5,12 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.convert import convert_flow
+from flows.instruct import instruct_flow
 
 
 @flow(name="factory-demo", log_prints=True)
 def demo_flow() -> dict:
-    """Bootstrap -> convert -> evaluate (later stages are added here as they land)."""
+    """Bootstrap -> convert -> evaluate -> instruct (later stages are added here as they land)."""
     converted = convert_flow()
-    return {"convert": converted}
+    instructed = instruct_flow(model=converted["model"])
+    return {"convert": converted, "instruct": instructed}

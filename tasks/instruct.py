@@ -1,0 +1,52 @@
+"""Prefect tasks over dlm.instruct: instruction tuning and the held-out instruction evaluation.
+
+Orchestration only: the tuning task checkpoints under ``$FACTORY_HOME/cache/checkpoints/``
+(a retried or re-run task resumes) and is skipped when ``output`` already holds a model
+tuned from the same base with the same config; the evaluation task publishes its
+figures as a table artifact.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from dlm.instruct import (
+    InstructConfig,
+    InstructEvalConfig,
+    evaluate_instruct,
+    instruct,
+    instruct_report,
+    summary,
+)
+from tasks.models import _checkpoint_dir, report_artifact
+
+
+@task(name="instruct", retries=1, task_run_name="instruct {model} -> {output}")
+def instruct_task(model: str, output: str, config: InstructConfig | None = None) -> str:
+    """Instruction-tune ``model`` into ``output`` (reused when already tuned from it with this config)."""
+    cfg = config or InstructConfig()
+    done = instruct_report(output)
+    if done and done.get("config") == cfg.model_dump() and done.get("base_model") == model:
+        get_run_logger().info("reusing instruction-tuned model at %s", output)
+        return output
+    ckpt = _checkpoint_dir("instruct", {"base": model, **cfg.model_dump()})
+    result = instruct(model, output, cfg, checkpoint_dir=ckpt, progress=False)
+    data = result.data
+    get_run_logger().info("instruct (%s, template %s): %d rows, %d malformed lines, %d empty responses, "
+                          "padding %.1f%%; final loss %.3f, %.0f tokens/s", cfg.objective, result.template,
+                          data["rows"], data["bad_lines"], data["empty_responses"],
+                          100 * data["padding"]["pad_fraction"], result.final_loss, result.tokens_per_s)
+    return output
+
+
+@task(name="instruct-eval", task_run_name="instruct-eval {label}")
+def instruct_eval_task(model: str, label: str, config: InstructEvalConfig | None = None) -> dict:
+    """Held-out instruction metrics of ``model``, also published as a one-row table artifact."""
+    result = evaluate_instruct(model, config or InstructEvalConfig())
+    report_artifact(f"instruct-eval-{_slug(label)}", [{"model": label, "path": model, **summary(result)}],
+                    f"Held-out instructions: {label}")
+    return result
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())

@@ -1,0 +1,326 @@
+"""Instruction tuning: prompt format, rows and bucketing, the SFT loss, the stage, resume, eval, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dlm.diffusion import ar_loss, corrupt, diffusion_loss, sample_t
+from dlm.errors import FactoryError
+from dlm.instruct import (
+    DEFAULT_CHAT_TEMPLATE,
+    DEFAULT_FORMAT,
+    InstructConfig,
+    InstructEvalConfig,
+    Row,
+    SFTBatches,
+    ar_row,
+    collate,
+    diffusion_row,
+    encode,
+    ensure_chat_template,
+    evaluate_instruct,
+    instruct,
+    render_prompt,
+    summary,
+)
+from dlm.instruct_data import Example
+from dlm.modeling import DiffusionSpec, load_model
+from dlm.train import TrainConfig
+from tests.dlm.helpers import leftovers, plain_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return plain_tokenizer(["def f(x):\n    return x + 1\n### Instruction: Implement it.\n" * 20], vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    """32 tiny instructions in both JSONL formats."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = []
+    for i in range(32):
+        prompt, response = f"Implement `add{i}(x)`: Return x plus {i}.", f"return x + {i}"
+        if i % 2:
+            lines.append({"prompt": prompt, "response": response})
+        else:
+            lines.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(path)
+
+
+def small(data: str, **train) -> InstructConfig:
+    values = dict(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1, checkpoint_every=2)
+    values.update(train)
+    return InstructConfig(data=data, response_len=16, train=TrainConfig(**values))
+
+
+# ----------------------------------------------------------------------------- prompt format
+
+
+def test_default_template_is_installed_and_documented(tok):
+    tok = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<eos>", pad_token="<pad>")
+    assert tok.chat_template is None
+    assert ensure_chat_template(tok) == "default" and tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    msgs = [{"role": "user", "content": "Do it."}]
+    assert render_prompt(tok, msgs) == DEFAULT_FORMAT.format(prompt="Do it.") == "### Instruction:\nDo it.\n### Response:\n"
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A?"},
+             {"role": "assistant", "content": "a"}, {"role": "user", "content": "B?"}]
+    assert render_prompt(tok, convo) == ("Be brief.\n\n### Instruction:\nA?\n### Response:\na<eos>\n"
+                                         "### Instruction:\nB?\n### Response:\n")
+
+
+def test_tokenizer_template_wins(tok):
+    tok = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = "{{ 'U: ' + messages[-1]['content'] + '\\nA: ' }}"
+    assert ensure_chat_template(tok) == "tokenizer"
+    assert render_prompt(tok, [{"role": "user", "content": "hi"}]) == "U: hi\nA: "
+
+
+# ----------------------------------------------------------------------------- rows and batches
+
+
+def _example(prompt: str, response: str, source: str = "d.jsonl:1") -> Example:
+    return Example([{"role": "user", "content": prompt}], response, source)
+
+
+def test_encode_drops_long_bodies_and_refuses_long_prompts(tok):
+    ensure_chat_template(tok)
+    examples = [_example("Short.", "return x"), _example("Short.", "return x + 1\n" * 30, "d.jsonl:2")]
+    rows, report = encode(tok, examples, response_len=16, max_prompt_len=40, refuse_long_prompts=True)
+    assert len(rows) == 1 and report.too_long_responses == 1
+    assert tok.decode(rows[0].prompt) == DEFAULT_FORMAT.format(prompt="Short.")
+    assert tok.decode(rows[0].response) == "return x" and rows[0].first_line == "return x"
+    long = [_example("word " * 50, "return x", "d.jsonl:7")]
+    with pytest.raises(FactoryError, match=r"d.jsonl:7: prompt is \d+ tokens, longer than the context allows \(10"):
+        encode(tok, long, response_len=16, max_prompt_len=10, refuse_long_prompts=True)
+    rows, report = encode(tok, long, response_len=16, max_prompt_len=10, refuse_long_prompts=False)
+    assert rows == [] and report.long_prompts == 1
+
+
+def _rows(n: int) -> list[Row]:
+    # prompt lengths 2..9, response lengths 1..5
+    return [Row(list(range(10, 12 + i % 8)), list(range(20, 21 + i % 5)), f"r{i}", "") for i in range(n)]
+
+
+def test_rows_diffusion_and_ar():
+    r = Row([5, 6, 7], [8, 9], "x", "")
+    assert diffusion_row(r, 5, eos=1) == ([5, 6, 7, 8, 9, 1, 1, 1], 3)
+    assert ar_row(r, eos=1) == ([5, 6, 7, 8, 9, 1], 3)
+    b = collate([diffusion_row(r, 4, 1), ar_row(Row([5], [8], "y", ""), 1)], pad=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 1], [5, 8, 1, 0, 0, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 0, 0, 0, 0]]
+    assert b["prompt_mask"].tolist() == [[True] * 3 + [False] * 4, [True] + [False] * 6]
+
+
+def test_batches_are_deterministic_bucketed_and_fixed_length():
+    rows = _rows(64)
+    make = lambda **kw: SFTBatches(rows, objective="diffusion", response_len=8, response_bucket=None,  # noqa: E731
+                                   batch_size=4, seed=3, eos=1, pad=0, **kw)
+    a, b = make(), make()
+    for i in (0, 5, 16, 17, 40):  # across epochs (16 batches per epoch)
+        assert torch.equal(a.batch(i)["input_ids"], b.batch(i)["input_ids"])
+    assert not torch.equal(a.batch(0)["input_ids"], a.batch(16)["input_ids"])  # epochs are reshuffled
+    for i in range(16):
+        batch = a.batch(i)
+        am, keep = batch["attention_mask"].bool(), batch["prompt_mask"]
+        assert batch["input_ids"].shape[0] == 4
+        assert ((am & ~keep).sum(-1) == 8).all()  # response + EOS fill = L for every row
+    seen = sorted(r for i in range(16) for r in a._epoch(0, 16)[i])
+    assert seen == list(range(64))  # one epoch covers every row once
+    bucketed, plain = a.padding(), a.padding(window=1)
+    assert bucketed["pad_fraction"] < plain["pad_fraction"]
+    assert bucketed["eos_fill_fraction"] > 0
+
+
+def test_response_bucket_and_ar_rows():
+    rows = _rows(16)
+    d = SFTBatches(rows, objective="diffusion", response_len=8, response_bucket=4, batch_size=4, seed=0, eos=1, pad=0)
+    for (ids, n_prompt), r in zip(d.seqs, rows, strict=True):
+        assert len(ids) - n_prompt == (4 if len(r.response) < 4 else 8)
+    ar = SFTBatches(rows, objective="ar", response_len=8, response_bucket=None, batch_size=4, seed=0, eos=1, pad=0)
+    assert ar.padding()["eos_fill_fraction"] == 0
+    assert [len(s) - n for s, n in ar.seqs] == [len(r.response) + 1 for r in rows]
+    with pytest.raises(FactoryError, match="fewer than the batch size"):
+        SFTBatches(rows[:3], objective="ar", response_len=8, response_bucket=None, batch_size=4, seed=0, eos=1, pad=0)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+@pytest.fixture(scope="module")
+def uniform_model():
+    """A tiny Llama whose head is zero: log p = -log V for every token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    return model
+
+
+SPEC = DiffusionSpec(mask_token_id=63, mask_token="[MASK]", tokenizer_digest="sha256:test", shift=True)
+
+
+def _hand_batch():
+    rows = [Row([10, 11, 12], [20, 21], "a", ""), Row([13, 14], [22], "b", ""), Row([15, 16, 17, 18], [], "c", "")]
+    return collate([diffusion_row(r, 4, eos=1) for r in rows], pad=0)  # rows of 7, 6 and 8 tokens; L = 4
+
+
+def test_prompt_tokens_are_never_masked():
+    b = _hand_batch()
+    ids, am, keep = b["input_ids"], b["attention_mask"], b["prompt_mask"]
+    _, masked = corrupt(ids, torch.ones(3), SPEC, keep, am)
+    assert torch.equal(masked, am.bool() & ~keep)  # t = 1: exactly response + EOS padding
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        _, masked = corrupt(ids, sample_t(3, SPEC.eps, g), SPEC, keep, am, g)
+        assert not (masked & keep).any() and not (masked & ~am.bool()).any()
+
+
+def test_sft_loss_is_normalised_by_response_length(uniform_model):
+    b = _hand_batch()
+    ids, am, keep = b["input_ids"], b["attention_mask"], b["prompt_mask"]
+    with torch.no_grad():
+        loss, n = diffusion_loss(uniform_model, SPEC, ids, attention_mask=am, keep=keep, per_sequence=True,
+                                 generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # replay the draws: t per row, then the masks
+    t = sample_t(3, SPEC.eps, g)
+    _, masked = corrupt(ids, t, SPEC, keep, am, g)
+    expected = (masked.sum(-1) * math.log(64) / t / 4).mean()  # each row divided by its L = 4, not its length
+    assert n == 12
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert masked.sum(-1).tolist() == [2, 4, 0]  # golden draws (seed 0) ...
+    assert float(loss) == pytest.approx(3.19934, rel=1e-4)  # ... and the golden loss
+    # AR baseline on the same rows: prompt excluded, response + one EOS
+    rows = [Row([10, 11, 12], [20, 21], "a", ""), Row([13, 14], [22], "b", "")]
+    ab = collate([ar_row(r, eos=1) for r in rows], pad=0)
+    with torch.no_grad():
+        loss, n = ar_loss(uniform_model, ab["input_ids"], attention_mask=ab["attention_mask"], keep=ab["prompt_mask"])
+    assert n == 5 and float(loss) == pytest.approx(math.log(64), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def test_instruct_writes_a_tuned_dlm(tiny_dlm, jsonl, tmp_path):
+    out = tmp_path / "tuned"
+    result = instruct(tiny_dlm, out, small(jsonl), progress=False)
+    assert result.template == "default" and result.data["rows"] == 32
+    assert math.isfinite(result.final_loss) and len(result.train.losses) == 4
+    loaded = load_model(out)
+    stage = loaded.spec.stages[-1]
+    assert [s["stage"] for s in loaded.spec.stages] == ["convert", "instruct"]
+    assert stage["objective"] == "diffusion" and stage["template"] == "default"
+    assert stage["prompt_format"] == DEFAULT_FORMAT and stage["config"] == small(jsonl).model_dump()
+    assert loaded.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE  # generation can format prompts the same way
+    assert json.loads((out / "instruct.json").read_text())["ar_base"] == loaded.spec.source
+    assert leftovers(tmp_path) == []
+
+
+def test_ar_baseline_and_objective_errors(tiny_ar, tiny_dlm, jsonl, tmp_path):
+    with pytest.raises(FactoryError, match="autoregressive checkpoint .*--objective ar"):
+        instruct(tiny_ar, tmp_path / "x", small(jsonl), progress=False)
+    with pytest.raises(FactoryError, match="diffusion checkpoint; --objective ar needs an autoregressive"):
+        instruct(tiny_dlm, tmp_path / "x", small(jsonl).model_copy(update={"objective": "ar"}), progress=False)
+    assert not (tmp_path / "x").exists()
+    cfg = small(jsonl).model_copy(update={"objective": "ar"})
+    result = instruct(tiny_ar, tmp_path / "ar", cfg, progress=False)
+    assert math.isfinite(result.final_loss)
+    loaded = load_model(tmp_path / "ar")
+    assert loaded.spec is None and loaded.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert json.loads((tmp_path / "ar" / "instruct.json").read_text())["ar_base"] == tiny_ar
+
+
+def test_prompt_longer_than_context_is_refused(tiny_dlm, tmp_path):
+    data = tmp_path / "long.jsonl"
+    lines = [{"prompt": "Say hi.", "response": "hi"}] * 4 + [{"prompt": "word " * 400, "response": "ok"}]
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = small(str(data))
+    with pytest.raises(FactoryError, match=r"long.jsonl:5: prompt is \d+ tokens, longer than the context allows \(240"):
+        instruct(tiny_dlm, tmp_path / "x", cfg, progress=False)
+    with pytest.raises(FactoryError, match="does not fit the model's 256 positions"):
+        instruct(tiny_dlm, tmp_path / "x", cfg.model_copy(update={"response_len": 300}), progress=False)
+
+
+def test_existing_output_and_mask_token_text(tiny_dlm, jsonl, tmp_path):
+    from dlm.instruct import prepare_rows
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FactoryError, match="output already exists"):
+        instruct(tiny_dlm, tmp_path / "taken", small(jsonl), progress=False)
+    loaded = load_model(tiny_dlm)
+    ensure_chat_template(loaded.tokenizer)
+    data = tmp_path / "m.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n"
+                    + json.dumps({"prompt": "a", "response": f"x = '{loaded.spec.mask_token}'"}) + "\n")
+    rows, report = prepare_rows(loaded, str(data), response_len=16, max_prompt_len=None, heldout_fraction=0.05,
+                                max_doc_chars=300, max_bad_fraction=0.05)
+    assert len(rows) == 1 and report["mask_token_rows"] == 1
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_dlm, jsonl, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = small(jsonl, steps=6)
+    full = instruct(tiny_dlm, tmp_path / "full", cfg, progress=False)
+
+    def evicted(record):
+        if record["step"] == 5:
+            raise RuntimeError("simulated eviction")
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="simulated eviction"):
+        instruct(tiny_dlm, tmp_path / "resumed", cfg, checkpoint_dir=ckpt, progress=False, on_log=evicted)
+    assert not (tmp_path / "resumed").exists() and leftovers(tmp_path) == []
+    resumed = instruct(tiny_dlm, tmp_path / "resumed", cfg, checkpoint_dir=ckpt, progress=False)
+    assert resumed.train.resumed_from == 4
+    assert resumed.train.losses == full.train.losses[4:]
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- evaluation and CLI
+
+
+def test_evaluate_dlm_and_ar(tiny_ar, tiny_dlm, jsonl):
+    cfg = InstructEvalConfig(data=jsonl, response_len=16, max_examples=6, gen_examples=3, mc_samples=4)
+    d = evaluate_instruct(tiny_dlm, cfg)
+    assert d["judge"] == tiny_ar and d["kind"] == "diffusion" and d["examples"] == 6
+    lik = d["likelihood"]
+    assert lik["kind"] == "elbo" and lik["tokens"] > 6  # response + one EOS per example
+    assert lik["bits_per_token"] > lik["padded_bits_per_token"] > 0  # padded to L = 16 > response + 1 tokens
+    gen = d["generation"]
+    assert gen["examples"] == 3 and 0 <= gen["parse_rate"] <= 1 and 0 <= gen["exact_first_line"] <= 1
+    a = evaluate_instruct(tiny_ar, cfg)
+    assert a["kind"] == "ar" and a["likelihood"]["kind"] == "nll" and a["judge"] == tiny_ar
+    assert a["likelihood"]["tokens"] == lik["tokens"]  # both figures cover the same reference tokens
+    row = summary(a)
+    assert set(row) >= {"cond_bits_per_token", "parse_rate", "judge_nll", "exact_first_line"}
+
+
+def test_cli_instruct_and_eval(tiny_ar, tiny_dlm, jsonl, tmp_path, capsys):
+    from dlm.cli import main
+
+    assert main(["instruct", "--model", tiny_ar, "--data", jsonl, "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' loading bar)
+    assert err.startswith("error: ") and "--objective ar" in err
+    assert main(["instruct", "--model", tiny_dlm, "--data", jsonl, "--output", str(tmp_path / "x"),
+                 "--steps", "0"]) == 2
+    assert "invalid steps" in capsys.readouterr().err
+    out = tmp_path / "tuned"
+    assert main(["instruct", "--model", tiny_dlm, "--data", jsonl, "--output", str(out), "--steps", "2",
+                 "--batch-size", "4", "--response-len", "16"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["objective"] == "diffusion" and line["rows"] == 32 and line["bad_lines"] == 0
+    assert main(["instruct-eval", "--model", str(out), "--data", jsonl, "--examples", "4", "--gen-examples", "2",
+                 "--mc-samples", "2", "--response-len", "16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 4 and result["template"] == "default" and result["judge"] == tiny_ar
