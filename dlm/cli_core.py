@@ -43,14 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
 
-def _set(obj, **values):
+def with_values(obj, **values):
     """Copy of a pydantic config with the given non-None values set (validated)."""
     data = obj.model_dump()
     data.update({k: v for k, v in values.items() if v is not None})
     return type(obj).model_validate(data)
 
 
-def _validated(make):
+def validated(make):
     from pydantic import ValidationError
 
     from dlm.errors import FactoryError
@@ -66,7 +66,7 @@ def _bootstrap(args) -> int:
     from dlm.bootstrap import BootstrapConfig, bootstrap
 
     cfg = BootstrapConfig()
-    cfg = _validated(lambda: _set(cfg, train=_set(cfg.train, steps=args.steps).model_dump()))
+    cfg = validated(lambda: with_values(cfg, train=with_values(cfg.train, steps=args.steps).model_dump()))
     result = bootstrap(cfg, args.output, checkpoint_dir=args.checkpoint_dir, progress=sys.stderr.isatty())
     print(json.dumps({"output": args.output, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}))
     return 0
@@ -78,12 +78,12 @@ def _convert(args) -> int:
     base = ConvertConfig()
 
     def make():
-        train = _set(base.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        train = with_values(base.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      precision=args.precision, deepspeed=args.deepspeed)
-        return _set(base, data=args.data, anneal_steps=args.anneal_steps, seq_len=args.seq_len,
+        return with_values(base, data=args.data, anneal_steps=args.anneal_steps, seq_len=args.seq_len,
                     shift=False if args.no_shift else None, train=train.model_dump())
 
-    cfg = _validated(make)
+    cfg = validated(make)
     result = convert(args.base_model, args.output, cfg, checkpoint_dir=args.checkpoint_dir,
                      progress=sys.stderr.isatty())
     print(json.dumps({"output": args.output, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}))
@@ -93,7 +93,7 @@ def _convert(args) -> int:
 def _eval(args) -> int:
     from dlm.evaluate import EvalConfig, evaluate
 
-    cfg = _validated(lambda: _set(EvalConfig(), data=args.data, mc_samples=args.mc_samples,
+    cfg = validated(lambda: with_values(EvalConfig(), data=args.data, mc_samples=args.mc_samples,
                                   max_blocks=args.max_blocks, seq_len=args.seq_len, seed=args.seed))
     print(json.dumps(evaluate(args.model, cfg)))
     return 0

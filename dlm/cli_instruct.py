@@ -43,19 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _instruct(args) -> int:
-    from dlm.cli_core import _set, _validated
+    from dlm.cli_core import validated, with_values
     from dlm.instruct import InstructConfig, instruct
 
     base = InstructConfig()
 
     def make():
-        train = _set(base.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        train = with_values(base.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      precision=args.precision, seed=args.seed)
-        return _set(base, data=args.data, objective=args.objective, response_len=args.response_len,
+        return with_values(base, data=args.data, objective=args.objective, response_len=args.response_len,
                     response_bucket=args.response_bucket, max_prompt_len=args.max_prompt_len,
                     max_bad_fraction=args.max_bad_fraction, train=train.model_dump())
 
-    cfg = _validated(make)
+    cfg = validated(make)
     result = instruct(args.model, args.output, cfg, checkpoint_dir=args.checkpoint_dir, progress=sys.stderr.isatty())
     print(json.dumps({"output": args.output, "objective": cfg.objective, "template": result.template,
                       "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s,
@@ -66,10 +66,10 @@ def _instruct(args) -> int:
 
 
 def _instruct_eval(args) -> int:
-    from dlm.cli_core import _set, _validated
+    from dlm.cli_core import validated, with_values
     from dlm.instruct import InstructEvalConfig, evaluate_instruct
 
-    cfg = _validated(lambda: _set(InstructEvalConfig(), data=args.data, judge=args.judge, max_examples=args.examples,
+    cfg = validated(lambda: with_values(InstructEvalConfig(), data=args.data, judge=args.judge, max_examples=args.examples,
                                   gen_examples=args.gen_examples, mc_samples=args.mc_samples,
                                   response_len=args.response_len, seed=args.seed))
     print(json.dumps(evaluate_instruct(args.model, cfg)))
