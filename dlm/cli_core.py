@@ -51,6 +51,7 @@ def with_values(obj, **values):
 
 
 def validated(make):
+    """Build a config with ``make()``; a pydantic ValidationError becomes one FactoryError line."""
     from pydantic import ValidationError
 
     from dlm.errors import FactoryError
