@@ -42,16 +42,23 @@ def bootstrap_task(output: str, config: BootstrapConfig | None = None) -> str:
 def convert_task(base_model: str, output: str, config: ConvertConfig | None = None) -> str:
     """Convert ``base_model`` into a DLM at ``output`` (reused when already converted with this config)."""
     cfg = config or ConvertConfig()
-    spec_file = Path(output) / "diffusion.json"
-    if spec_file.is_file():
-        stages = DiffusionSpec.read(Path(output)).stages
-        if stages and stages[0].get("config") == cfg.model_dump() and stages[0].get("source") in (None, base_model):
+    if (Path(output) / "diffusion.json").is_file():
+        spec = DiffusionSpec.read(Path(output))
+        same_source = _same_source(spec.source, base_model)
+        if spec.stages and spec.stages[0].get("config") == cfg.model_dump() and same_source:
             get_run_logger().info("reusing converted model at %s", output)
             return output
     ckpt = _checkpoint_dir("convert", {"base": base_model, **cfg.model_dump()})
     result = convert(base_model, output, cfg, checkpoint_dir=ckpt, progress=False)
     get_run_logger().info("convert: final loss %.3f, %.0f tokens/s", result.final_loss, result.tokens_per_s)
     return output
+
+
+def _same_source(recorded: str, requested: str) -> bool:
+    """Whether a converted model came from ``requested`` (local paths compared resolved)."""
+    if "://" in recorded or "://" in requested:
+        return recorded == requested
+    return Path(recorded).resolve() == Path(requested).resolve()
 
 
 @task(name="evaluate", task_run_name="evaluate {model}")
