@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
@@ -75,6 +76,12 @@ def ensure_mask_token(loaded: Loaded, preferred: str = "[MASK]") -> tuple[int, s
     return mask_id, preferred, "added"
 
 
+def _source_id(src: str | os.PathLike) -> str:
+    """How the spec records its base: URLs and hub ids as given, local paths absolute."""
+    s = os.fspath(src)
+    return s if "://" in s or not Path(s).exists() else str(Path(s).resolve())
+
+
 def anneal_rate(step: int, anneal_steps: int) -> float | None:
     """Share of extra (non-causal) attention entries at ``step``; None once fully bidirectional."""
     if anneal_steps <= 0 or step + 1 >= anneal_steps:
@@ -94,7 +101,7 @@ def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: Conve
     blocks = Blocks(tokenize_blocks(loaded.tokenizer, docs, cfg.seq_len, max_positions=loaded.max_positions))
     mask_id, mask_text, how = ensure_mask_token(loaded, cfg.mask_token)
     spec = DiffusionSpec(mask_token_id=mask_id, mask_token=mask_text, shift=cfg.shift, eps=cfg.eps,
-                         tokenizer_digest=tokenizer_digest(loaded.tokenizer), source=os.fspath(base_model),
+                         tokenizer_digest=tokenizer_digest(loaded.tokenizer), source=_source_id(base_model),
                          source_digest=dir_digest(loaded.path))
     model = loaded.model
 
