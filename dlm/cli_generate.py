@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-stop-at-eos", action="store_true", help="decode all tokens and print them raw")
     p.add_argument("--stream", action="store_true", help="print the tokens committed at each step to stderr")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the plain text")
+    p.add_argument("--raw", action="store_true",
+                   help="feed the prompt as is (default: instruction-tuned models get their chat template)")
     p.set_defaults(func=_generate)
 
 
@@ -73,7 +75,8 @@ def _generate(args) -> int:
                 print(f"[step {step.step} block {step.block} row {b}] +{len(pairs)} {pieces}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    texts = generate(loaded, args.prompt, cfg, on_step=stream if args.stream else None)
+    texts = generate(loaded, args.prompt, cfg, on_step=stream if args.stream else None,
+                     chat=False if args.raw else None)
     seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps({"prompts": args.prompt, "texts": texts, "seconds": round(seconds, 3),

@@ -122,6 +122,16 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def encode_chat(tokenizer, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+    """Prompt token ids exactly as SFT builds them (training and inference share this)."""
+    if not conversations:
+        return []
+    own_template = getattr(tokenizer, "chat_template", None) not in (None, DEFAULT_CHAT_TEMPLATE)
+    texts = [render_prompt(tokenizer, messages) for messages in conversations]
+    # A tokenizer's own template writes its BOS itself; the default lets the tokenizer add its usual specials.
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=not own_template)["input_ids"]]
+
+
 # ----------------------------------------------------------------------------- rows
 
 
@@ -153,11 +163,8 @@ def encode(tokenizer, examples: list[Example], *, response_len: int, max_prompt_
     A prompt longer than ``max_prompt_len`` raises FactoryError naming its source
     line when ``refuse_long_prompts``, else the example is dropped and counted.
     """
-    own_template = getattr(tokenizer, "chat_template", None) not in (None, DEFAULT_CHAT_TEMPLATE)
-    texts = [render_prompt(tokenizer, ex.messages) for ex in examples]
-    # A tokenizer's own template writes its BOS itself; the default lets the tokenizer add its usual specials.
-    prompts = tokenizer(texts, add_special_tokens=not own_template)["input_ids"] if texts else []
-    responses = tokenizer([ex.response for ex in examples], add_special_tokens=False)["input_ids"] if texts else []
+    prompts = encode_chat(tokenizer, [ex.messages for ex in examples])
+    responses = tokenizer([ex.response for ex in examples], add_special_tokens=False)["input_ids"] if examples else []
     report = LengthReport(max_prompt_len=max_prompt_len)
     rows = []
     for ex, p, r in zip(examples, prompts, responses, strict=True):

@@ -308,10 +308,23 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 def generate(loaded, prompts: list[str], cfg: SamplerConfig, *,
-             on_step: Callable[[Step], None] | None = None) -> list[str]:
-    """Tokenize ``prompts``, sample with ``ModelDenoiser(loaded)`` and decode the responses."""
+             on_step: Callable[[Step], None] | None = None, chat: bool | None = None) -> list[str]:
+    """Tokenize ``prompts``, sample with ``ModelDenoiser(loaded)`` and decode the responses.
+
+    ``chat``: format each prompt as a user turn with the chat template, exactly as
+    instruction tuning did; None (default) does so when the model was instruction-tuned.
+    """
     from dlm.diffusion import ModelDenoiser
 
     denoiser = ModelDenoiser(loaded)  # refuses an AR checkpoint with a clear error
-    ids = sample(denoiser, encode_prompts(loaded.tokenizer, prompts), cfg, on_step=on_step)
+    if chat is None:
+        chat = any(stage.get("stage") == "instruct" for stage in loaded.spec.stages)
+    if chat:
+        from dlm.instruct import encode_chat, ensure_chat_template
+
+        ensure_chat_template(loaded.tokenizer)
+        prompt_ids = encode_chat(loaded.tokenizer, [[{"role": "user", "content": p}] for p in prompts])
+    else:
+        prompt_ids = encode_prompts(loaded.tokenizer, prompts)
+    ids = sample(denoiser, prompt_ids, cfg, on_step=on_step)
     return [loaded.tokenizer.decode(r, skip_special_tokens=True) for r in ids]

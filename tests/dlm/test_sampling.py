@@ -285,3 +285,24 @@ def test_cli_refuses_an_ar_checkpoint(tiny_ar, capsys):
     assert "no diffusion.json" in capsys.readouterr().err
     with pytest.raises(FactoryError, match="autoregressive"):
         generate(load_model(tiny_ar), ["x"], SamplerConfig())
+
+
+def test_generate_formats_prompts_like_sft_for_instruction_tuned_models(tiny_dlm, monkeypatch):
+    """An instruction-tuned model sees the chat-template prompt it was trained on; raw stays raw."""
+    import dlm.sampling as sampling
+    from dlm.instruct import encode_chat, ensure_chat_template
+    from dlm.modeling import load_model
+
+    seen = []
+    monkeypatch.setattr(sampling, "sample", lambda den, prompts, cfg, on_step=None: seen.append(prompts) or [[]])
+    loaded = load_model(tiny_dlm)
+    cfg = sampling.SamplerConfig(length=8, block_size=8)
+    sampling.generate(loaded, ["def f(x):"], cfg)
+    assert seen[-1] == sampling.encode_prompts(loaded.tokenizer, ["def f(x):"])  # converted only: raw
+    loaded.spec.stages.append({"stage": "instruct"})
+    sampling.generate(loaded, ["def f(x):"], cfg)
+    ensure_chat_template(loaded.tokenizer)
+    expected = encode_chat(loaded.tokenizer, [[{"role": "user", "content": "def f(x):"}]])
+    assert seen[-1] == expected and len(expected[0]) > len(seen[0][0])
+    sampling.generate(loaded, ["def f(x):"], cfg, chat=False)
+    assert seen[-1] == seen[0]
