@@ -18,6 +18,10 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
+# Imported eagerly: transformers resolves these lazily, and two threads resolving them
+# at once (concurrent Prefect tasks) can fail with "cannot import name 'AutoConfig'".
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from dlm.errors import FactoryError
 from dlm.paths import atomic_dir, materialize
 
@@ -99,8 +103,6 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
     Diffusion checkpoints (with ``diffusion.json``) get their attention modules
     marked non-causal; callers still pass explicit masks (see dlm.diffusion).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     path = materialize(src)
     where = os.fspath(src)
     if not path.is_dir() or not (path / "config.json").is_file():

@@ -25,16 +25,17 @@ def convert_flow(base_model: str | None = None, name: str = "stdlib-dlm",
     if not base_model:
         base_model = bootstrap_task(str(models / "stdlib-ar"), bootstrap_config)
     dlm_dir = convert_task(base_model, str(models / name), convert_config)
-    ar_eval = eval_task.submit(base_model, eval_config)
-    dlm_eval = eval_task.submit(dlm_dir, eval_config)
+    # One after the other: each already uses every core, and model loading is not thread-safe.
+    ar_eval = eval_task(base_model, eval_config)
+    dlm_eval = eval_task(dlm_dir, eval_config)
     rows = [
-        {"model": "AR (exact NLL)", "path": base_model, **_figures(ar_eval.result())},
-        {"model": "DLM (ELBO)", "path": dlm_dir, **_figures(dlm_eval.result())},
+        {"model": "AR (exact NLL)", "path": base_model, **_figures(ar_eval)},
+        {"model": "DLM (ELBO)", "path": dlm_dir, **_figures(dlm_eval)},
     ]
     report_artifact(f"convert-{_slug(name)}", rows, "Held-out bits/token: AR exact NLL vs converted DLM ELBO")
     for r in rows:
         print(f"{r['model']:16s} {r['bits_per_token']:.3f} bits/token (± {r['stderr']:.3f})")
-    return {"base_model": base_model, "model": dlm_dir, "ar": ar_eval.result(), "dlm": dlm_eval.result()}
+    return {"base_model": base_model, "model": dlm_dir, "ar": ar_eval, "dlm": dlm_eval}
 
 
 def _figures(result: dict) -> dict:

@@ -29,14 +29,15 @@ def instruct_flow(model: str | None = None, name: str = "stdlib-dlm-instruct",
 
             model = convert_flow()["model"]
     tuned = instruct_task(model, str(models / name), config)
-    tuned_eval = instruct_eval_task.submit(tuned, "tuned", eval_config)
-    base_eval = instruct_eval_task.submit(model, "untuned", eval_config)
-    rows = [{"model": "untuned DLM", "path": model, **summary(base_eval.result())},
-            {"model": "instruction-tuned DLM", "path": tuned, **summary(tuned_eval.result())}]
+    # One after the other: each already uses every core, and model loading is not thread-safe.
+    tuned_eval = instruct_eval_task(tuned, "tuned", eval_config)
+    base_eval = instruct_eval_task(model, "untuned", eval_config)
+    rows = [{"model": "untuned DLM", "path": model, **summary(base_eval)},
+            {"model": "instruction-tuned DLM", "path": tuned, **summary(tuned_eval)}]
     report_artifact(f"instruct-{_slug(name)}", rows,
                     "Held-out instructions: conditional ELBO (bits/token), parse rate, judge NLL (nats/token), "
                     "first-line exact match; tuned vs untuned")
     for r in rows:
         print(f"{r['model']:22s} ELBO {r['cond_bits_per_token']} bits/token, parse {r['parse_rate']}, "
               f"judge NLL {r['judge_nll']}, exact first line {r['exact_first_line']}")
-    return {"base_model": model, "model": tuned, "untuned": base_eval.result(), "tuned": tuned_eval.result()}
+    return {"base_model": model, "model": tuned, "untuned": base_eval, "tuned": tuned_eval}
