@@ -32,7 +32,7 @@ def convert_flow(base_model: str | None = None, name: str = "stdlib-dlm",
         {"model": "AR (exact NLL)", "path": base_model, **_figures(ar_eval)},
         {"model": "DLM (ELBO)", "path": dlm_dir, **_figures(dlm_eval)},
     ]
-    report_artifact(f"convert-{_slug(name)}", rows, "Held-out bits/token: AR exact NLL vs converted DLM ELBO")
+    report_artifact(f"convert-{name}", rows, "Held-out bits/token: AR exact NLL vs converted DLM ELBO")
     for r in rows:
         print(f"{r['model']:16s} {r['bits_per_token']:.3f} bits/token (± {r['stderr']:.3f})")
     return {"base_model": base_model, "model": dlm_dir, "ar": ar_eval, "dlm": dlm_eval}
@@ -41,7 +41,3 @@ def convert_flow(base_model: str | None = None, name: str = "stdlib-dlm",
 def _figures(result: dict) -> dict:
     return {"bits_per_token": round(result["bits_per_token"], 4), "stderr": round(result["stderr"], 4),
             "tokens": result["tokens"]}
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower())

@@ -8,7 +8,7 @@ from prefect import flow
 
 from dlm.instruct import InstructConfig, InstructEvalConfig, summary
 from dlm.paths import factory_home
-from tasks.instruct import _slug, instruct_eval_task, instruct_task
+from tasks.instruct import instruct_eval_task, instruct_task
 from tasks.models import report_artifact
 
 
@@ -34,7 +34,7 @@ def instruct_flow(model: str | None = None, name: str = "stdlib-dlm-instruct",
     base_eval = instruct_eval_task(model, "untuned", eval_config)
     rows = [{"model": "untuned DLM", "path": model, **summary(base_eval)},
             {"model": "instruction-tuned DLM", "path": tuned, **summary(tuned_eval)}]
-    report_artifact(f"instruct-{_slug(name)}", rows,
+    report_artifact(f"instruct-{name}", rows,
                     "Held-out instructions: conditional ELBO (bits/token), parse rate, judge NLL (nats/token), "
                     "first-line exact match; tuned vs untuned")
     for r in rows:

@@ -18,7 +18,7 @@ from dlm.instruct import (
     instruct_report,
     summary,
 )
-from tasks.models import _checkpoint_dir, report_artifact
+from tasks.models import checkpoint_dir, report_artifact
 
 
 @task(name="instruct", retries=1, task_run_name="instruct {model} -> {output}")
@@ -29,7 +29,7 @@ def instruct_task(model: str, output: str, config: InstructConfig | None = None)
     if done and done.get("config") == cfg.model_dump() and done.get("base_model") == model:
         get_run_logger().info("reusing instruction-tuned model at %s", output)
         return output
-    ckpt = _checkpoint_dir("instruct", {"base": model, **cfg.model_dump()})
+    ckpt = checkpoint_dir("instruct", {"base": model, **cfg.model_dump()})
     result = instruct(model, output, cfg, checkpoint_dir=ckpt, progress=False)
     data = result.data
     get_run_logger().info("instruct (%s, template %s): %d rows, %d malformed lines, %d empty responses, "
@@ -43,10 +43,6 @@ def instruct_task(model: str, output: str, config: InstructConfig | None = None)
 def instruct_eval_task(model: str, label: str, config: InstructEvalConfig | None = None) -> dict:
     """Held-out instruction metrics of ``model``, also published as a one-row table artifact."""
     result = evaluate_instruct(model, config or InstructEvalConfig())
-    report_artifact(f"instruct-eval-{_slug(label)}", [{"model": label, "path": model, **summary(result)}],
+    report_artifact(f"instruct-eval-{label}", [{"model": label, "path": model, **summary(result)}],
                     f"Held-out instructions: {label}")
     return result
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower())

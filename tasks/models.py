@@ -21,7 +21,8 @@ from dlm.modeling import DiffusionSpec
 from dlm.paths import factory_home
 
 
-def _checkpoint_dir(stage: str, config: dict) -> Path:
+def checkpoint_dir(stage: str, config: dict) -> Path:
+    """Per-stage, per-config checkpoint dir: a retried or re-run task resumes where it stopped."""
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     return factory_home() / "cache" / "checkpoints" / f"{stage}-{key}"
 
@@ -33,7 +34,7 @@ def bootstrap_task(output: str, config: BootstrapConfig | None = None) -> str:
     if is_bootstrapped(Path(output), cfg):
         get_run_logger().info("reusing bootstrap model at %s", output)
         return output
-    result = bootstrap(cfg, output, checkpoint_dir=_checkpoint_dir("bootstrap", cfg.model_dump()), progress=False)
+    result = bootstrap(cfg, output, checkpoint_dir=checkpoint_dir("bootstrap", cfg.model_dump()), progress=False)
     get_run_logger().info("bootstrap: final loss %.3f, %.0f tokens/s", result.final_loss, result.tokens_per_s)
     return output
 
@@ -48,7 +49,7 @@ def convert_task(base_model: str, output: str, config: ConvertConfig | None = No
         if spec.stages and spec.stages[0].get("config") == cfg.model_dump() and same_source:
             get_run_logger().info("reusing converted model at %s", output)
             return output
-    ckpt = _checkpoint_dir("convert", {"base": base_model, **cfg.model_dump()})
+    ckpt = checkpoint_dir("convert", {"base": base_model, **cfg.model_dump()})
     result = convert(base_model, output, cfg, checkpoint_dir=ckpt, progress=False)
     get_run_logger().info("convert: final loss %.3f, %.0f tokens/s", result.final_loss, result.tokens_per_s)
     return output
@@ -68,5 +69,6 @@ def eval_task(model: str, config: EvalConfig | None = None) -> dict:
 
 
 def report_artifact(key: str, rows: list[dict], description: str) -> None:
-    """A Prefect table artifact (shown in the UI under the flow run)."""
-    create_table_artifact(key=key, table=rows, description=description)
+    """A Prefect table artifact (shown in the UI under the flow run); ``key`` is made key-safe."""
+    safe = "".join(c if c.isalnum() else "-" for c in key.lower())  # Prefect: lowercase, digits, dashes
+    create_table_artifact(key=safe, table=rows, description=description)
