@@ -12,10 +12,8 @@ False`` and ``diffusion.json``.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel, Field
 
 from dlm.data import Blocks, read_documents, tokenize_blocks
@@ -31,8 +29,7 @@ from dlm.modeling import (
 )
 from dlm.paths import dir_digest
 from dlm.train import TrainConfig, TrainResult, train
-
-_UNUSED = re.compile(r"reserved|unused", re.IGNORECASE)
+from dlm.vocab import grow_embeddings, unused_special_tokens
 
 
 class ConvertConfig(BaseModel):
@@ -51,28 +48,20 @@ class ConvertConfig(BaseModel):
 
 def ensure_mask_token(loaded: Loaded, preferred: str = "[MASK]") -> tuple[int, str, str]:
     """Choose or create the mask token. Returns (id, text, how) with how in existing|reused|added."""
-    tok, model = loaded.tokenizer, loaded.model
+    tok = loaded.tokenizer
     if tok.mask_token is not None and tok.mask_token_id is not None:
         return tok.mask_token_id, tok.mask_token, "existing"
-    taken = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
-    for token_id, added in sorted(tok.added_tokens_decoder.items()):
-        if added.special and token_id not in taken and _UNUSED.search(added.content):
-            tok.mask_token = added.content
-            return token_id, added.content, "reused"
-    rows = model.get_input_embeddings().weight.shape[0]
+    spare = unused_special_tokens(tok)
+    if spare:
+        token_id, text = spare[0]
+        tok.mask_token = text
+        return token_id, text, "reused"
+    rows = loaded.model.get_input_embeddings().weight.shape[0]
+    if preferred in tok.get_vocab():
+        raise FactoryError(f"mask token {preferred!r} already exists as an ordinary token; choose another --mask-token")
     tok.add_special_tokens({"mask_token": preferred})
     mask_id = tok.mask_token_id
-    try:
-        if mask_id >= rows:
-            model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
-    except Exception as e:  # e.g. an embedding type that cannot grow
-        raise FactoryError(f"no room for a mask token and the embeddings cannot be resized ({e})") from e
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb[mask_id] = emb[:rows].mean(0)
-        head = model.get_output_embeddings()
-        if head is not None and head.weight.data_ptr() != emb.data_ptr():
-            head.weight[mask_id] = head.weight[:rows].mean(0)
+    grow_embeddings(loaded, [mask_id], rows)
     return mask_id, preferred, "added"
 
 

@@ -66,6 +66,23 @@ def test_mask_token_uses_spare_embedding_rows_without_resizing():
     assert model.get_input_embeddings().weight.shape[0] == rows
 
 
+def test_special_tokens_refuse_a_name_already_in_the_vocabulary():
+    from transformers import AutoModelForCausalLM
+
+    from dlm.errors import FactoryError
+    from dlm.vocab import add_special_tokens
+    from tests.dlm.helpers import tiny_config
+
+    tok = plain_tokenizer(["x = 1\n"] * 20)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok)))
+    taken = tok.convert_ids_to_tokens(5)
+    with pytest.raises(FactoryError, match="already exist in the tokenizer"):
+        add_special_tokens(Loaded(model, tok, None), ["<|new|>", taken])
+    with pytest.raises(FactoryError, match="already exists as an ordinary token; choose another --mask-token"):
+        ensure_mask_token(Loaded(model, tok, None), preferred=taken)
+    assert len(tok) == model.get_input_embeddings().weight.shape[0]  # nothing was added by the refusals
+
+
 def test_anneal_rate_schedule():
     assert anneal_rate(0, 10) == pytest.approx(0.1)
     assert anneal_rate(4, 10) == pytest.approx(0.5)
