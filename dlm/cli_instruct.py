@@ -9,8 +9,9 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("instruct", help="instruction-tune a diffusion LM (LLaDA SFT) or, with --objective ar, an AR model",
-                       description="Supervised fine-tuning on instructions: prompt tokens never masked, response + EOS "
-                                   "padding masked at rate t, loss divided by the response length. Data: stdlib[:split] "
+                       description="Supervised fine-tuning on instructions: prompt tokens never masked, response + EOS + "
+                                   "padding (rainbow pad tokens by default) masked at rate t, loss divided by the response "
+                                   "length. Data: stdlib[:split] "
                                    "(the embedded set) or JSONL lines {\"prompt\",\"response\"} / {\"messages\":[...]}.")
     p.add_argument("--model", required=True, help="base checkpoint: a DLM (dir, file:// or s3:// URL); an AR one needs --objective ar")
     p.add_argument("--data", help="instructions: stdlib[:train|heldout|all] or a JSONL file/dir/URL (default: stdlib:train)")
@@ -21,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
     p.add_argument("--response-len", type=int, help="response length L incl. EOS padding (default: 64)")
     p.add_argument("--response-bucket", type=int, help="pad responses to a multiple of this instead of L")
+    p.add_argument("--padding", choices=["rainbow", "eos"],
+                   help="what fills the response after its EOS: rainbow (default; a cycle of distinct pad tokens) or eos (LLaDA)")
+    p.add_argument("--pad-tokens", type=int, help="rainbow padding: distinct pad tokens in the cycle (default: 7)")
     p.add_argument("--max-prompt-len", type=int, help="longest prompt in tokens (default: model positions - L)")
     p.add_argument("--max-bad-fraction", type=float, help="refuse JSONL with more malformed lines than this (default: 0.05)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
@@ -39,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mc-samples", type=int, help="Monte Carlo samples of t (default: 16)")
     p.add_argument("--response-len", type=int, help="response length L (default: 64)")
     p.add_argument("--seed", type=int, help="seed (default: 0)")
+    p.add_argument("--block-size", type=int, help="diffusion sampler: semi-autoregressive block size (default: 32)")
     p.set_defaults(func=_instruct_eval)
 
 
@@ -52,7 +57,8 @@ def _instruct(args) -> int:
         train = with_values(base.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      precision=args.precision, seed=args.seed)
         return with_values(base, data=args.data, objective=args.objective, response_len=args.response_len,
-                    response_bucket=args.response_bucket, max_prompt_len=args.max_prompt_len,
+                    response_bucket=args.response_bucket, padding=args.padding, pad_tokens=args.pad_tokens,
+                    max_prompt_len=args.max_prompt_len,
                     max_bad_fraction=args.max_bad_fraction, train=train.model_dump())
 
     cfg = validated(make)
@@ -68,9 +74,11 @@ def _instruct(args) -> int:
 def _instruct_eval(args) -> int:
     from dlm.cli_core import validated, with_values
     from dlm.instruct import InstructEvalConfig, evaluate_instruct
+    from dlm.sampling import SamplerConfig
 
     cfg = validated(lambda: with_values(InstructEvalConfig(), data=args.data, judge=args.judge, max_examples=args.examples,
                                   gen_examples=args.gen_examples, mc_samples=args.mc_samples,
-                                  response_len=args.response_len, seed=args.seed))
+                                  response_len=args.response_len, seed=args.seed,
+                                  sampler=with_values(SamplerConfig(), block_size=args.block_size).model_dump()))
     print(json.dumps(evaluate_instruct(args.model, cfg)))
     return 0

@@ -163,18 +163,22 @@ def diffusion_loss(model, spec: DiffusionSpec, ids, *, attention_mask=None, keep
 
 
 def ar_loss(model, ids, *, attention_mask=None, keep=None):
-    """Next-token cross-entropy over positions 1..T-1 (skipping padding and kept/prompt tokens)."""
-    heads = output_head(model)
-    if heads is None:
-        logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    else:
-        logits = heads[1](hidden_states(model, ids, attention_mask, causal=True)[:, :-1])
+    """Next-token cross-entropy over positions 1..T-1 (skipping padding and kept/prompt tokens).
+
+    The output head runs only where a target counts (SFT: the response), as in
+    ``diffusion_loss``; models with post-processed logits take the full forward.
+    """
     target_ok = torch.ones_like(ids[:, 1:], dtype=torch.bool)
     if attention_mask is not None:
         target_ok &= attention_mask[:, 1:].bool()
     if keep is not None:
         target_ok &= ~keep[:, 1:].bool()
-    nll = F.cross_entropy(logits[target_ok].float(), ids[:, 1:][target_ok], reduction="sum")
+    heads = output_head(model)
+    if heads is None:
+        logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][target_ok]
+    else:
+        logits = heads[1](hidden_states(model, ids, attention_mask, causal=True)[:, :-1][target_ok])
+    nll = F.cross_entropy(logits.float(), ids[:, 1:][target_ok], reduction="sum")
     n = int(target_ok.sum())
     return nll / max(n, 1), n
 

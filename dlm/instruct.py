@@ -1,13 +1,20 @@
 """Instruction tuning (SFT) of diffusion LMs, with an AR SFT baseline on the same rows.
 
 Method (LLaDA, Nie et al. 2025, "Large Language Diffusion Models", SFT section):
-each row is prompt + response + EOS padding to a fixed response length L. Prompt
-tokens are never masked; the response and its EOS padding (real, attended tokens,
-so the model learns where a response ends) are masked at rate t ~ U(eps, 1); the
-loss (1/t) * sum of -log p over masked tokens is divided by the row's response
-length L (``diffusion_loss(..., keep=prompt, per_sequence=True)``). The AR baseline
-trains the same base's AR checkpoint with next-token cross-entropy on prompt +
-response + one EOS, prompt tokens excluded from the loss.
+each row is prompt + response + EOS + padding to a fixed response length L. Prompt
+tokens are never masked; the response, its EOS and the padding (real, attended
+tokens, so the model learns where a response ends) are masked at rate t ~ U(eps, 1);
+the loss (1/t) * sum of -log p over masked tokens is divided by the row's response
+length L (``diffusion_loss(..., keep=prompt, per_sequence=True)``). The padding is by
+default *rainbow padding* (Kim et al. 2025): one EOS, then a cycle of K distinct pad
+tokens instead of repeated EOS. Repeated EOS makes "EOS" the most confident
+prediction at every late position; a confidence-ordered sampler commits those first
+and the EOS spreads backwards into near-empty answers. With K pads each late
+position's mass is split K ways, so content is decoded first. ``padding="eos"`` keeps
+LLaDA's original. The pads are recorded in ``DiffusionSpec.pad_token_ids``; the
+sampler treats them like EOS. The AR baseline trains the same base's AR checkpoint
+with next-token cross-entropy on prompt + response + one EOS, prompt tokens excluded
+from the loss.
 
 Prompts are formatted with the tokenizer's chat template when it has one, else with
 the documented default ``DEFAULT_FORMAT`` (installed as the output's chat template, so
@@ -16,15 +23,16 @@ in ``diffusion.json`` (``stages[-1]``) and in ``instruct.json``.
 
 Batching: rows are bucketed by total length (shuffle, sort windows of
 ``bucket_window`` batches by length, cut into batches, shuffle the batches), so
-padding stays low; ``response_bucket`` < L additionally rounds each row's EOS padding
+padding stays low; ``response_bucket`` < L additionally rounds each row's padding
 to a multiple of ``response_bucket`` instead of L. Batches are a pure function of the
 step, so a resumed run sees exactly the batches an uninterrupted one would.
 
 Evaluation (``evaluate_instruct``) on held-out instructions: the conditional
 likelihood of the reference response (diffusion: ELBO with the prompt kept; AR: exact
 NLL), both in bits per reference token (response + one EOS); and on generated
-responses: parse rate, judge NLL under an AR checkpoint, exact match of the first
-line, repetition.
+responses: parse rate, judge NLL under an AR checkpoint (use an instruction-tuned
+one: an untuned judge rewards degenerate repetition), exact match of the first line,
+repetition.
 
 Shapes: B batch, T row length, P prompt length, L response length.
 """
@@ -50,6 +58,7 @@ from dlm.instruct_data import Example, first_line, load_examples
 from dlm.modeling import Loaded, load_model, save_model, tokenizer_digest
 from dlm.sampling import SamplerConfig, sample
 from dlm.train import TrainConfig, TrainResult, train
+from dlm.vocab import add_special_tokens, unused_special_tokens
 
 log = logging.getLogger("dlm.instruct")
 
@@ -77,7 +86,9 @@ class InstructConfig(BaseModel):
     data: str = Field("stdlib:train", description="instructions: stdlib[:split] or a JSONL file/dir (path, file:// or s3://)")
     objective: Literal["diffusion", "ar"] = Field("diffusion", description="diffusion: LLaDA SFT of a DLM; ar: next-token SFT of an AR checkpoint (the baseline)")
     response_len: int = Field(64, ge=2, description="response length L in tokens, EOS padding included; longer responses are dropped")
-    response_bucket: int | None = Field(None, gt=0, description="pad each response with EOS to a multiple of this instead of L (None: always L, as LLaDA)")
+    response_bucket: int | None = Field(None, gt=0, description="pad each response to a multiple of this instead of L (None: always L, as LLaDA)")
+    padding: Literal["rainbow", "eos"] = Field("rainbow", description="diffusion: what fills the response after its one EOS: rainbow (a cycle of distinct pad tokens, Kim et al. 2025) or eos (repeated EOS, LLaDA)")
+    pad_tokens: int = Field(7, ge=1, le=64, description="rainbow padding: number of distinct pad tokens in the cycle (reserved tokens reused, else added)")
     max_prompt_len: int | None = Field(None, gt=0, description="longest prompt in tokens (None: the model's positions minus L); JSONL prompts beyond it are refused, stdlib ones dropped")
     heldout_fraction: float = Field(0.05, ge=0, lt=1, description="stdlib: share of module files held out (0.05: the files the base corpus holds out)")
     max_doc_chars: int = Field(300, gt=0, description="stdlib: skip functions whose docstring summary is longer")
@@ -102,7 +113,7 @@ class InstructEvalConfig(BaseModel):
     max_doc_chars: int = Field(300, gt=0, description="stdlib: skip functions whose docstring summary is longer")
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="JSONL: refuse the data beyond this share of bad lines")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="diffusion decoding (its length is set to response_len)")
-    judge: str | None = Field(None, description="AR checkpoint scoring generations (None: the DLM's source AR model, or the AR base)")
+    judge: str | None = Field(None, description="AR checkpoint scoring generations; should be instruction-tuned on the same format (an AR SFT model: an untuned judge rewards degenerate repetition). None: the lineage's root AR model")
 
 
 # ----------------------------------------------------------------------------- prompt format
@@ -149,7 +160,7 @@ class LengthReport:
 
     too_long_responses: int = 0  # response + EOS longer than L
     long_prompts: int = 0  # dropped (stdlib) prompts longer than max_prompt_len
-    mask_token_rows: int = 0  # dropped: the text contains the DLM's mask token
+    special_token_rows: int = 0  # dropped: the text contains the DLM's mask or pad tokens
     rows: int = 0
     max_prompt_len: int = 0
     mean_prompt_tokens: float = 0.0
@@ -186,9 +197,15 @@ def encode(tokenizer, examples: list[Example], *, response_len: int, max_prompt_
     return rows, report
 
 
-def diffusion_row(row: Row, fill_to: int, eos: int) -> tuple[list[int], int]:
-    """(prompt + response + EOS padding to ``fill_to`` response tokens, prompt length)."""
-    return row.prompt + row.response + [eos] * (fill_to - len(row.response)), len(row.prompt)
+def diffusion_row(row: Row, fill_to: int, eos: int, pads: list[int] | tuple[int, ...] = ()) -> tuple[list[int], int]:
+    """(prompt + response + EOS + padding to ``fill_to`` response tokens, prompt length).
+
+    Padding: EOS repeated (LLaDA) when ``pads`` is empty, else the rainbow cycle
+    pads[0], pads[1], ..., pads[K-1], pads[0], ... after the single EOS.
+    """
+    n = fill_to - len(row.response) - 1
+    fill = [eos] * n if not pads else [pads[i % len(pads)] for i in range(n)]
+    return row.prompt + row.response + [eos] + fill, len(row.prompt)
 
 
 def ar_row(row: Row, eos: int) -> tuple[list[int], int]:
@@ -218,7 +235,7 @@ class SFTBatches:
     """
 
     def __init__(self, rows: list[Row], *, objective: str, response_len: int, response_bucket: int | None,
-                 batch_size: int, seed: int, eos: int, pad: int, window: int = 16):
+                 batch_size: int, seed: int, eos: int, pad: int, window: int = 16, pads: list[int] = ()):
         if len(rows) < batch_size:
             raise FactoryError(f"only {len(rows)} usable examples, fewer than the batch size {batch_size}")
         self.rows, self.objective, self.batch_size, self.seed = rows, objective, batch_size, seed
@@ -230,7 +247,7 @@ class SFTBatches:
                 self.seqs.append(ar_row(r, eos))
             else:
                 fill = min(response_len, math.ceil((len(r.response) + 1) / step) * step)
-                self.seqs.append(diffusion_row(r, fill, eos))
+                self.seqs.append(diffusion_row(r, fill, eos, pads))
         self.per_epoch = len(rows) // batch_size
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 (two epochs of index lists; the object lives as long as training)
@@ -314,13 +331,13 @@ def prepare_rows(loaded: Loaded, src: str, *, response_len: int, max_prompt_len:
     limit = _context(loaded, response_len, max_prompt_len)
     rows, lengths = encode(loaded.tokenizer, examples, response_len=response_len, max_prompt_len=limit,
                            refuse_long_prompts=not src.startswith("stdlib"))
-    if loaded.spec is not None:  # text that tokenizes to the mask token would corrupt the diffusion targets
-        mask_id = loaded.spec.mask_token_id
-        clean = [r for r in rows if mask_id not in r.prompt and mask_id not in r.response]
-        lengths.mask_token_rows, rows = len(rows) - len(clean), clean
-        if lengths.mask_token_rows:
-            log.warning("%s: dropped %d examples containing the mask token %r", src, lengths.mask_token_rows,
-                        loaded.spec.mask_token)
+    if loaded.spec is not None:  # text that tokenizes to the mask or a pad token would corrupt the targets
+        special = {loaded.spec.mask_token_id, *loaded.spec.pad_token_ids}
+        clean = [r for r in rows if not special.intersection(r.prompt) and not special.intersection(r.response)]
+        lengths.special_token_rows, rows = len(rows) - len(clean), clean
+        if lengths.special_token_rows:
+            log.warning("%s: dropped %d examples containing the mask token %r or a pad token", src,
+                        lengths.special_token_rows, loaded.spec.mask_token)
     if lengths.too_long_responses:
         log.info("%s: dropped %d responses longer than %d tokens", src, lengths.too_long_responses, response_len - 1)
     if not rows:
@@ -345,6 +362,8 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
     if tok.eos_token_id is None:
         raise FactoryError(f"{where}: the tokenizer has no EOS token (needed to end responses)")
     template = ensure_chat_template(tok)
+    pads = ensure_pad_tokens(loaded, cfg.pad_tokens, seed=cfg.train.seed) \
+        if cfg.objective == "diffusion" and cfg.padding == "rainbow" else []
     rows, data = prepare_rows(loaded, cfg.data, response_len=cfg.response_len, max_prompt_len=cfg.max_prompt_len,
                               heldout_fraction=cfg.heldout_fraction, max_doc_chars=cfg.max_doc_chars,
                               max_bad_fraction=cfg.max_bad_fraction)
@@ -353,7 +372,7 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
     mb = cfg.train.micro_batch()
     batches = SFTBatches(rows, objective=cfg.objective, response_len=cfg.response_len,
                          response_bucket=cfg.response_bucket, batch_size=mb, seed=cfg.train.seed,
-                         eos=eos, pad=pad, window=cfg.bucket_window)
+                         eos=eos, pad=pad, window=cfg.bucket_window, pads=pads)
     data["padding"] = batches.padding()
     data["padding_unbucketed"] = batches.padding(window=1)
     log.info("instruct: %d rows; padding %.1f%% (unbucketed %.1f%%), EOS fill %.1f%%", len(rows),
@@ -371,12 +390,38 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
                    cfg.train, checkpoint_dir=checkpoint_dir, progress=progress, on_log=on_log)
     stage = {"stage": "instruct", "objective": cfg.objective, "template": template,
              "chat_template": tok.chat_template, "prompt_format": DEFAULT_FORMAT if template == "default" else None,
+             "padding": {"kind": "rainbow" if pads else "eos", "token_ids": pads,
+                         "tokens": tok.convert_ids_to_tokens(pads)} if cfg.objective == "diffusion" else None,
              "base_model": where, "ar_base": _ar_base(loaded, where), "config": cfg.model_dump(), "data": data,
              "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}
     if spec is not None:
         spec.stages.append(stage)
     save_model(Loaded(loaded.model, tok, spec), output, extra={REPORT_FILE: stage})
     return InstructResult(train=result, data=data, template=template, output=os.fspath(output))
+
+
+def ensure_pad_tokens(loaded: Loaded, k: int, *, seed: int = 0) -> list[int]:
+    """The K rainbow pad token ids of a DLM, recorded in its spec (``pad_token_ids``).
+
+    A model that already has K pads (tuned before) keeps them. Otherwise unused
+    reserved special tokens are taken first, then ``<|pad_i|>`` tokens are added
+    (rows at the mean embedding plus seeded noise, so the K pads start distinct).
+    """
+    spec, tok = loaded.spec, loaded.tokenizer
+    if len(spec.pad_token_ids) == k:
+        return list(spec.pad_token_ids)
+    if spec.pad_token_ids:
+        raise FactoryError(f"the model was tuned with {len(spec.pad_token_ids)} rainbow pad tokens, not {k}; "
+                           f"pass --pad-tokens {len(spec.pad_token_ids)}")
+    pads = [i for i, _ in unused_special_tokens(tok, exclude={spec.mask_token_id})][:k]
+    vocab = tok.get_vocab()
+    names = (f"<|pad_{i}|>" for i in range(10_000))
+    new = [n for n in names if n not in vocab][: k - len(pads)]
+    if new:
+        pads += add_special_tokens(loaded, new, seed=seed, noise=0.1)
+    spec.pad_token_ids = pads
+    spec.tokenizer_digest = tokenizer_digest(tok)
+    return pads
 
 
 def _ar_base(loaded: Loaded, where: str) -> str:
@@ -428,7 +473,7 @@ def conditional_likelihood(loaded: Loaded, rows: list[Row], cfg: InstructEvalCon
     if loaded.is_diffusion:
         denoiser = ModelDenoiser(loaded)
         for i, chunk in enumerate(chunks):
-            b = collate([diffusion_row(r, cfg.response_len, eos) for r in chunk], pad)
+            b = collate([diffusion_row(r, cfg.response_len, eos, loaded.spec.pad_token_ids) for r in chunk], pad)
             est = elbo(denoiser, b["input_ids"], attention_mask=b["attention_mask"], keep=b["prompt_mask"],
                        n=cfg.mc_samples, seed=cfg.seed + i, batch_size=cfg.batch_size)
             bits += est.bits_per_token * est.tokens  # total bound over the padded response tokens
@@ -479,11 +524,13 @@ def generations(loaded: Loaded, rows: list[Row], cfg: InstructEvalConfig) -> lis
     return ar_generate(loaded, prompts, cfg.response_len, cfg.batch_size)
 
 
-def generation_metrics(loaded: Loaded, rows: list[Row], outputs: list[list[int]], judge: Loaded | None) -> dict:
+def generation_metrics(loaded: Loaded, rows: list[Row], outputs: list[list[int]], judge: Loaded | None,
+                       extra_judges: dict[str, Loaded] | None = None) -> dict:
     """Parse rate, judge NLL (nats/token), first-line exact match, repetition of generated responses.
 
     The parse rate counts a response without a code line (empty, or comments only:
-    both parse trivially) as a failure.
+    both parse trivially) as a failure. ``extra_judges`` add ``judge_nll_<name>``
+    figures for the same outputs (the bench compares judges without re-generating).
     """
     from dlm.metrics import judge_nll, parse_rate, repetition
 
@@ -491,20 +538,33 @@ def generation_metrics(loaded: Loaded, rows: list[Row], outputs: list[list[int]]
     texts = [tok.decode(o, skip_special_tokens=True) for o in outputs]
     nonempty = [t for t in texts if has_code(t)]
     parsed = parse_rate(nonempty) * len(nonempty) / len(texts) if nonempty else 0.0
-    exact = sum(first_line(t) == r.first_line for t, r in zip(texts, rows, strict=True)) / len(rows)
-    judged = None
-    if judge is not None:
-        if tokenizer_digest(judge.tokenizer) == tokenizer_digest(tok):
+    firsts = [first_line(t) for t in texts]
+    exact = sum(f == r.first_line for f, r in zip(firsts, rows, strict=True)) / len(rows)
+    similar = sum(line_similarity(f, r.first_line) for f, r in zip(firsts, rows, strict=True)) / len(rows)
+
+    def judged(j: Loaded | None) -> float | None:
+        if j is None:
+            return None
+        if tokenizer_digest(j.tokenizer) == tokenizer_digest(tok):
             prompts, conts = [r.prompt for r in rows], outputs
         else:  # re-tokenize text for a judge with another tokenizer
-            enc = judge.tokenizer
-            prompts = [enc(tok.decode(r.prompt))["input_ids"] for r in rows]
-            conts = [enc(t, add_special_tokens=False)["input_ids"] for t in texts]
-        judged = judge_nll(judge, prompts, conts)
-        judged = None if math.isnan(judged) else judged
-    return {"parse_rate": parsed, "judge_nll": judged, "exact_first_line": exact,
+            prompts = [j.tokenizer(tok.decode(r.prompt))["input_ids"] for r in rows]
+            conts = [j.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        nll = judge_nll(j, prompts, conts)
+        return None if math.isnan(nll) else nll
+
+    extra = {f"judge_nll_{name}": judged(j) for name, j in (extra_judges or {}).items()}
+    return {"parse_rate": parsed, "judge_nll": judged(judge), **extra, "exact_first_line": exact,
+            "first_line_similarity": similar,
             "no_code_rate": 1 - len(nonempty) / len(texts), "mean_tokens": sum(map(len, outputs)) / len(outputs),
             **repetition(outputs), "samples": [{"source": r.source, "text": t} for r, t in zip(rows[:3], texts[:3], strict=True)]}
+
+
+def line_similarity(a: str, b: str) -> float:
+    """Graded first-line match in [0, 1]: difflib's ratio 2M/T of the two lines (1: identical)."""
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
 def has_code(text: str) -> bool:
@@ -518,7 +578,7 @@ def default_judge(loaded: Loaded, where: str) -> str:
 
 
 def evaluate_loaded_instruct(loaded: Loaded, cfg: InstructEvalConfig, judge: Loaded | None = None,
-                             rows: list[Row] | None = None) -> dict:
+                             rows: list[Row] | None = None, extra_judges: dict[str, Loaded] | None = None) -> dict:
     """All held-out instruction metrics of a loaded model (rows: reuse across models of one tokenizer)."""
     template = ensure_chat_template(loaded.tokenizer)
     data = {}
@@ -529,14 +589,21 @@ def evaluate_loaded_instruct(loaded: Loaded, cfg: InstructEvalConfig, judge: Loa
     gen_rows = rows[: cfg.gen_examples]
     if gen_rows:
         result["generation"] = {"examples": len(gen_rows),
-                                **generation_metrics(loaded, gen_rows, generations(loaded, gen_rows, cfg), judge)}
+                                **generation_metrics(loaded, gen_rows, generations(loaded, gen_rows, cfg), judge,
+                                                     extra_judges)}
     if data:
         result["data"] = data
     return result
 
 
-def evaluate_instruct(model: str | os.PathLike, cfg: InstructEvalConfig) -> dict:
-    """Held-out instruction metrics of a checkpoint (see ``evaluate_loaded_instruct``)."""
+def evaluate_instruct(model: str | os.PathLike, cfg: InstructEvalConfig,
+                      extra_judges: dict[str, Loaded] | None = None) -> dict:
+    """Held-out instruction metrics of a checkpoint (see ``evaluate_loaded_instruct``).
+
+    ``judge_tuned`` in the result says whether the judge was instruction-tuned: an
+    untuned judge finds degenerate output (blank lines, repeated ``import``) likely
+    and ranks it above real code (docs/instruct.md, "Figures").
+    """
     where = os.fspath(model)
     loaded = load_model(model)
     judge_src = cfg.judge or default_judge(loaded, where)
@@ -550,8 +617,12 @@ def evaluate_instruct(model: str | os.PathLike, cfg: InstructEvalConfig) -> dict
             raise
         log.warning("no judge for %s (%s): judge NLL skipped", where, e)
         judge = None
-    return {"model": where, "judge": judge_src if judge is not None else None,
-            **evaluate_loaded_instruct(loaded, cfg, judge)}
+    tuned = judge is not None and (judge.path is not None and (judge.path / REPORT_FILE).is_file())
+    if judge is not None and not tuned:
+        log.warning("judge %s is not instruction-tuned: its NLL rewards degenerate repetition; "
+                    "pass an AR SFT model as the judge (factory instruct --objective ar)", judge_src)
+    return {"model": where, "judge": judge_src if judge is not None else None, "judge_tuned": tuned,
+            **evaluate_loaded_instruct(loaded, cfg, judge, extra_judges=extra_judges)}
 
 
 def summary(result: dict) -> dict:
@@ -560,10 +631,11 @@ def summary(result: dict) -> dict:
     lik = result["likelihood"]
 
     def r(x, n=4):
-        return None if x is None else round(x, n)
+        return None if x is None or math.isnan(x) else round(x, n)
 
     return {"cond_bits_per_token": r(lik["bits_per_token"]), "stderr": r(lik["stderr"]), "kind": lik["kind"],
             "parse_rate": r(gen.get("parse_rate"), 3), "judge_nll": r(gen.get("judge_nll"), 3),
-            "exact_first_line": r(gen.get("exact_first_line"), 3), "no_code_rate": r(gen.get("no_code_rate"), 3),
+            "exact_first_line": r(gen.get("exact_first_line"), 3),
+            "first_line_similarity": r(gen.get("first_line_similarity"), 3), "no_code_rate": r(gen.get("no_code_rate"), 3),
             "distinct_2": r(gen.get("distinct_2"), 3), "mean_tokens": r(gen.get("mean_tokens"), 1)}
 

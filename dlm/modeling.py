@@ -40,6 +40,7 @@ class DiffusionSpec(BaseModel):
     tokenizer_digest: str = Field(description="sha256 of the tokenizer; ensemble members must match")
     source: str = Field("", description="where the AR checkpoint came from")
     source_digest: str = Field("", description="sha256 over the source's safetensors files")
+    pad_token_ids: list[int] = Field(default_factory=list, description="rainbow padding tokens (set by instruction tuning): like EOS, each ends a response")
     stages: list[dict[str, Any]] = Field(default_factory=list, description="config and result of each training stage, oldest first")
 
     @classmethod

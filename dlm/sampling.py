@@ -17,7 +17,8 @@ when present:
 - ``block_cache(ids, attention_mask, (s, e), dual=...) -> (log_probs [B, e-s, V], cache)``
   and ``block_log_probs(cache, ids, attention_mask) -> log_probs [B, e-s, V]``: the
   KV cache (``ModelDenoiser`` has them; an ensemble can delegate to its members).
-- ``tokenizer`` (or ``eos_token_id``/``pad_token_id``): which tokens end a response.
+- ``tokenizer`` (or ``eos_token_id``/``pad_token_id``): which tokens end a response, with
+  ``spec.pad_token_ids`` (rainbow padding of an instruction-tuned model).
 - ``max_positions`` (or ``model.config``): the context length, checked up front.
 
 Shapes: B batch, P padded prompt length, L response length, T = P + L, V vocabulary.
@@ -218,15 +219,16 @@ def sample(denoiser, prompts: list[list[int]], cfg: SamplerConfig, *,
 
     Prompts are left-padded into one batch (padded keys masked, positions starting at 0
     at the first real token). With ``stop_at_eos`` the response is cut at its first
-    end token (EOS or PAD) and decoding stops after the first block in which every row
-    has committed one. ``on_step`` receives a ``Step`` after every denoising step.
+    end token (EOS, PAD or one of ``spec.pad_token_ids``) and decoding stops after the
+    first block in which every row has committed one. ``on_step`` receives a ``Step``
+    after every denoising step.
     """
     if not prompts:
         return []
     spec = denoiser.spec
     mask_id = spec.mask_token_id
     pad_id = (_token_ids(denoiser, "pad_token_id", "eos_token_id") or [mask_id])[0]
-    end_ids = _token_ids(denoiser, "eos_token_id", "pad_token_id")
+    end_ids = _token_ids(denoiser, "eos_token_id", "pad_token_id") + list(getattr(spec, "pad_token_ids", []))
     if spec.shift and any(len(p) == 0 for p in prompts):  # position i-1 predicts token i: need one token
         start = _token_ids(denoiser, "bos_token_id", "eos_token_id")
         if not start:

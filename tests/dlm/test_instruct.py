@@ -117,6 +117,40 @@ def test_rows_diffusion_and_ar():
     assert b["prompt_mask"].tolist() == [[True] * 3 + [False] * 4, [True] + [False] * 6]
 
 
+def test_rainbow_rows_cycle_distinct_pads_after_one_eos():
+    r = Row([5, 6, 7], [8, 9], "x", "")
+    assert diffusion_row(r, 8, eos=1, pads=[20, 21, 22]) == ([5, 6, 7, 8, 9, 1, 20, 21, 22, 20, 21], 3)
+    assert diffusion_row(r, 3, eos=1, pads=[20, 21, 22]) == ([5, 6, 7, 8, 9, 1], 3)  # no room left for a pad
+    batches = SFTBatches([r] * 4, objective="diffusion", response_len=6, response_bucket=None, batch_size=4,
+                         seed=0, eos=1, pad=0, pads=[20, 21])
+    assert batches.batch(0)["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 1, 20, 21, 20]
+
+
+def test_pad_tokens_reuse_reserved_then_add_distinct_rows(tiny_dlm):
+    from dlm.instruct import ensure_pad_tokens
+    from dlm.modeling import tokenizer_digest
+    from dlm.vocab import unused_special_tokens
+
+    loaded = load_model(tiny_dlm)
+    tok, spec = loaded.tokenizer, loaded.spec
+    spare = [i for i, _ in unused_special_tokens(tok, exclude={spec.mask_token_id})]
+    rows = loaded.model.get_input_embeddings().weight.shape[0]
+    pads = ensure_pad_tokens(loaded, 7, seed=0)
+    assert len(set(pads)) == 7 and pads[: len(spare)] == spare  # reserved tokens first
+    named = {tok.eos_token_id, tok.pad_token_id, spec.mask_token_id, tok.bos_token_id}
+    assert not named.intersection(pads)
+    added = pads[len(spare):]
+    assert tok.convert_ids_to_tokens(added) == [f"<|pad_{i}|>" for i in range(len(added))]
+    emb = loaded.model.get_input_embeddings().weight
+    assert emb.shape[0] == rows + len(added)
+    assert len({tuple(emb[i].tolist()) for i in pads}) == 7  # distinct from the start
+    assert spec.pad_token_ids == pads and spec.tokenizer_digest == tokenizer_digest(tok)
+    assert tok.decode([pads[0], pads[-1]], skip_special_tokens=True) == ""
+    assert ensure_pad_tokens(loaded, 7) == pads  # a tuned model keeps its pads
+    with pytest.raises(FactoryError, match="tuned with 7 rainbow pad tokens, not 3; pass --pad-tokens 7"):
+        ensure_pad_tokens(loaded, 3)
+
+
 def test_batches_are_deterministic_bucketed_and_fixed_length():
     rows = _rows(64)
     make = lambda **kw: SFTBatches(rows, objective="diffusion", response_len=8, response_bucket=None,  # noqa: E731
@@ -221,7 +255,13 @@ def test_instruct_writes_a_tuned_dlm(tiny_dlm, jsonl, tmp_path):
     assert stage["prompt_format"] == DEFAULT_FORMAT and stage["config"] == small(jsonl).model_dump()
     assert loaded.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE  # generation can format prompts the same way
     assert json.loads((out / "instruct.json").read_text())["ar_base"] == loaded.spec.source
+    assert stage["padding"]["kind"] == "rainbow" and stage["padding"]["token_ids"] == loaded.spec.pad_token_ids
+    assert len(set(loaded.spec.pad_token_ids)) == 7
     assert leftovers(tmp_path) == []
+    eos = instruct(tiny_dlm, tmp_path / "eos", small(jsonl).model_copy(update={"padding": "eos"}), progress=False)
+    plain = load_model(tmp_path / "eos")
+    assert plain.spec.pad_token_ids == [] and plain.spec.stages[-1]["padding"]["kind"] == "eos"
+    assert eos.data["rows"] == 32
 
 
 def test_ar_baseline_and_objective_errors(tiny_ar, tiny_dlm, jsonl, tmp_path):
@@ -262,7 +302,7 @@ def test_existing_output_and_mask_token_text(tiny_dlm, jsonl, tmp_path):
                     + json.dumps({"prompt": "a", "response": f"x = '{loaded.spec.mask_token}'"}) + "\n")
     rows, report = prepare_rows(loaded, str(data), response_len=16, max_prompt_len=None, heldout_fraction=0.05,
                                 max_doc_chars=300, max_bad_fraction=0.05)
-    assert len(rows) == 1 and report["mask_token_rows"] == 1
+    assert len(rows) == 1 and report["special_token_rows"] == 1
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tiny_dlm, jsonl, tmp_path):
@@ -290,10 +330,12 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_dlm, jsonl, tmp_path)
 # ----------------------------------------------------------------------------- evaluation and CLI
 
 
-def test_evaluate_dlm_and_ar(tiny_ar, tiny_dlm, jsonl):
+def test_evaluate_dlm_and_ar(tiny_ar, tiny_dlm, jsonl, caplog):
     cfg = InstructEvalConfig(data=jsonl, response_len=16, max_examples=6, gen_examples=3, mc_samples=4)
-    d = evaluate_instruct(tiny_dlm, cfg)
+    with caplog.at_level("WARNING", logger="dlm.instruct"):
+        d = evaluate_instruct(tiny_dlm, cfg)
     assert d["judge"] == tiny_ar and d["kind"] == "diffusion" and d["examples"] == 6
+    assert d["judge_tuned"] is False and "is not instruction-tuned" in caplog.text
     lik = d["likelihood"]
     assert lik["kind"] == "elbo" and lik["tokens"] > 6  # response + one EOS per example
     assert lik["bits_per_token"] > lik["padded_bits_per_token"] > 0  # padded to L = 16 > response + 1 tokens
@@ -303,7 +345,23 @@ def test_evaluate_dlm_and_ar(tiny_ar, tiny_dlm, jsonl):
     assert a["kind"] == "ar" and a["likelihood"]["kind"] == "nll" and a["judge"] == tiny_ar
     assert a["likelihood"]["tokens"] == lik["tokens"]  # both figures cover the same reference tokens
     row = summary(a)
-    assert set(row) >= {"cond_bits_per_token", "parse_rate", "judge_nll", "exact_first_line"}
+    assert set(row) >= {"cond_bits_per_token", "parse_rate", "judge_nll", "exact_first_line", "first_line_similarity"}
+
+
+def test_generation_metrics_first_line_and_extra_judges(tiny_ar):
+    from dlm.instruct import generation_metrics, line_similarity
+
+    assert line_similarity("abcd", "abce") == 0.75 and line_similarity("", "x") == 0.0
+    assert line_similarity("return x", "return x") == 1.0
+    ar = load_model(tiny_ar)
+    tok = ar.tokenizer
+    rows = [Row(tok("Implement f.")["input_ids"], [], "a", "return x + 1"),
+            Row(tok("Implement g.")["input_ids"], [], "b", "return y")]
+    outs = [tok(t, add_special_tokens=False)["input_ids"] for t in ("\nreturn x + 1\nfoo()", "return z")]
+    g = generation_metrics(ar, rows, outs, ar, {"again": ar})
+    assert g["exact_first_line"] == 0.5  # blank lines before the first line do not count
+    assert g["first_line_similarity"] == pytest.approx((1 + 7 / 8) / 2)  # "return z" vs "return y": 2*7/16
+    assert g["judge_nll_again"] == pytest.approx(g["judge_nll"]) and g["judge_nll"] > 0
 
 
 def test_cli_instruct_and_eval(tiny_ar, tiny_dlm, jsonl, tmp_path, capsys):

@@ -43,3 +43,27 @@ def test_data_from_s3_and_missing_prefix(bucket):
     assert [d.text for d in docs] == ["def f():\n    return 1\n"]
     with pytest.raises(FactoryError, match="no such object"):
         load_model(f"s3://{name}/nothing-here")
+
+
+def test_instruction_data_from_s3_tunes_and_reports_bad_lines(bucket, tiny_dlm, tmp_path):
+    """JSONL instructions by s3:// URL on a real S3 API: both formats, bad lines named by object and line."""
+    import json
+
+    from dlm.instruct import InstructConfig, instruct
+    from dlm.train import TrainConfig
+
+    fs, name = bucket
+    lines = [json.dumps({"prompt": f"Implement `add{i}(x)`.", "response": f"return x + {i}"}) for i in range(7)]
+    lines.append(json.dumps({"messages": [{"role": "user", "content": "Implement `one()`."},
+                                          {"role": "assistant", "content": "return 1"}]}))
+    fs.pipe(f"{name}/instr/a.jsonl", ("\n".join(lines) + "\n").encode())
+    fs.pipe(f"{name}/instr/b.jsonl", b'{"prompt": "p", "response": "r"}\nnot json\n')
+    cfg = InstructConfig(data=f"s3://{name}/instr", response_len=16, max_bad_fraction=0.2,
+                         train=TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1))
+    result = instruct(tiny_dlm, tmp_path / "tuned", cfg, progress=False)
+    assert result.data["rows"] == 9 and result.data["bad_lines"] == 1
+    bad = load_model(tmp_path / "tuned").spec.stages[-1]["data"]["bad_line_numbers"]
+    assert len(bad) == 1 and bad[0].startswith("b.jsonl:2: ")
+    with pytest.raises(FactoryError, match=r"1 of 10 lines .*b\.jsonl:2"):
+        instruct(tiny_dlm, tmp_path / "strict", cfg.model_copy(update={"max_bad_fraction": 0.05}), progress=False)
+    assert not (tmp_path / "strict").exists()

@@ -249,6 +249,19 @@ def test_eos_strips_and_stops_after_the_first_block_where_every_row_ended():
     assert raw == script
 
 
+def test_rainbow_pad_tokens_of_the_spec_end_a_response():
+    """A model tuned with rainbow padding may commit a pad before (or without) its EOS: either ends it."""
+    spec = DiffusionSpec(mask_token_id=31, mask_token="[M]", shift=True, tokenizer_digest="x", pad_token_ids=[20, 21])
+    script = [[7, 8, 21, 20] + [21, 20] * 14, [7, 8, 9, 0, 20, 21] + [20, 21] * 13]
+    fake = Scripted(spec, 0, script)
+    events = []
+    out = sample(fake, [[1, 2], [3, 4]], SamplerConfig(length=32, block_size=8, threshold=0.5), on_step=events.append)
+    assert out == [[7, 8], [7, 8, 9]]
+    assert {e.block for e in events} == {0}
+    without = Scripted(spec.model_copy(update={"pad_token_ids": []}), 0, script)
+    assert sample(without, [[1, 2]], SamplerConfig(length=32, block_size=8, threshold=0.5))[0] == script[0]
+
+
 # ----------------------------------------------------------------------------- real checkpoint, CLI
 
 
