@@ -1,4 +1,4 @@
-"""The ``instruct`` flow on the tiny fixtures: tune, evaluate tuned vs untuned, reuse on re-run."""
+"""The ``instruct`` flow on the tiny fixtures: tune the DLM and its judge, evaluate tuned vs untuned, reuse on re-run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_instruct_flow(tiny_dlm, tmp_path, monkeypatch):
+def test_instruct_flow(tiny_ar, tiny_dlm, tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
     from dlm.instruct import InstructConfig, InstructEvalConfig
@@ -26,7 +26,12 @@ def test_instruct_flow(tiny_dlm, tmp_path, monkeypatch):
         out = instruct_flow(model=tiny_dlm, name="tiny-instruct", config=cfg, eval_config=ecfg)
         assert out["model"] == str(tmp_path / "home" / "models" / "tiny-instruct")
         assert out["tuned"]["kind"] == out["untuned"]["kind"] == "diffusion"
-        assert out["tuned"]["judge"] == out["untuned"]["judge"]  # both judged by the source AR model
+        judge = tmp_path / "home" / "models" / "tiny-instruct-judge"
+        assert out["judge"] == out["tuned"]["judge"] == out["untuned"]["judge"] == str(judge)
+        assert out["tuned"]["judge_tuned"] is True  # an AR SFT of the DLM's source model, with its own seed
+        report = json.loads((judge / "instruct.json").read_text())
+        assert report["objective"] == "ar" and report["base_model"] == tiny_ar
+        assert report["config"]["train"]["seed"] == 1 != cfg.train.seed
         stamp = (tmp_path / "home" / "models" / "tiny-instruct" / "model.safetensors").stat().st_mtime_ns
         again = instruct_flow(model=tiny_dlm, name="tiny-instruct", config=cfg, eval_config=ecfg)
         assert (tmp_path / "home" / "models" / "tiny-instruct" / "model.safetensors").stat().st_mtime_ns == stamp
