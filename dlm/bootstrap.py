@@ -75,8 +75,8 @@ def ar_objective(model, batch, step, generator):
 
 
 def bootstrap(cfg: BootstrapConfig, output: str | os.PathLike, *, progress: bool = True,
-              checkpoint_dir: str | os.PathLike | None = None) -> TrainResult:
-    """Train tokenizer + tiny AR model and save them to ``output`` (atomic)."""
+              checkpoint_dir: str | os.PathLike | None = None, overwrite: bool = False) -> TrainResult:
+    """Train tokenizer + tiny AR model and save them to ``output`` (atomic; ``overwrite`` swaps a model there)."""
     docs = read_documents(cfg.data, max_chars=cfg.max_chars)
     tokenizer = train_tokenizer([d.text for d in docs], cfg.vocab_size)
     blocks = Blocks(tokenize_blocks(tokenizer, docs, cfg.seq_len))
@@ -86,7 +86,7 @@ def bootstrap(cfg: BootstrapConfig, output: str | os.PathLike, *, progress: bool
                    ar_objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
     report = {"stage": "bootstrap", "config": cfg.model_dump(), "train_blocks": blocks.ids.shape[0],
               "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}
-    save_model(Loaded(model, tokenizer, None), output, extra={"bootstrap.json": report})
+    save_model(Loaded(model, tokenizer, None), output, overwrite=overwrite, extra={"bootstrap.json": report})
     return result
 
 

@@ -79,8 +79,12 @@ def anneal_rate(step: int, anneal_steps: int) -> float | None:
 
 
 def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: ConvertConfig, *,
-            checkpoint_dir: str | os.PathLike | None = None, progress: bool = True) -> TrainResult:
-    """Convert the AR checkpoint ``base_model`` into a diffusion LM saved at ``output`` (atomic)."""
+            checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
+            overwrite: bool = False) -> TrainResult:
+    """Convert the AR checkpoint ``base_model`` into a diffusion LM saved at ``output``.
+
+    Atomic: written to a temp dir and renamed; ``overwrite`` swaps out a model already there.
+    """
     loaded = load_model(base_model)
     if loaded.is_diffusion:
         raise FactoryError(f"{base_model}: already a diffusion model (has diffusion.json)")
@@ -104,5 +108,5 @@ def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: Conve
     set_bidirectional(model)
     spec.stages.append({"stage": "convert", "mask_token": how, "config": cfg.model_dump(),
                         "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s})
-    save_model(Loaded(model, loaded.tokenizer, spec), output)
+    save_model(Loaded(model, loaded.tokenizer, spec), output, overwrite=overwrite)
     return result

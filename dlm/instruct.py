@@ -347,14 +347,14 @@ def prepare_rows(loaded: Loaded, src: str, *, response_len: int, max_prompt_len:
 
 def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructConfig, *,
              checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-             on_log=None) -> InstructResult:
+             on_log=None, overwrite: bool = False) -> InstructResult:
     """Instruction-tune ``model`` on ``cfg.data`` and save the result at ``output`` (atomic).
 
     ``cfg.objective`` "diffusion" needs a DLM (LLaDA SFT); "ar" needs an AR checkpoint
     (the baseline). With ``checkpoint_dir`` an interrupted run resumes where it stopped.
     """
     where = os.fspath(model)
-    if "://" not in os.fspath(output) and Path(output).exists():  # fail before training, not after
+    if not overwrite and "://" not in os.fspath(output) and Path(output).exists():  # fail before training
         raise FactoryError(f"{Path(output).resolve()}: output already exists (choose another --output or remove it)")
     loaded = load_model(model)
     check_objective(loaded, cfg.objective, where)
@@ -396,7 +396,7 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
              "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}
     if spec is not None:
         spec.stages.append(stage)
-    save_model(Loaded(loaded.model, tok, spec), output, extra={REPORT_FILE: stage})
+    save_model(Loaded(loaded.model, tok, spec), output, overwrite=overwrite, extra={REPORT_FILE: stage})
     return InstructResult(train=result, data=data, template=template, output=os.fspath(output))
 
 

@@ -18,7 +18,7 @@ from dlm.instruct import (
     instruct_report,
     summary,
 )
-from tasks.models import checkpoint_dir, report_artifact
+from tasks.models import checkpoint_dir, replacing, report_artifact
 
 
 @task(name="instruct", retries=1, task_run_name="instruct {model} -> {output}")
@@ -30,7 +30,7 @@ def instruct_task(model: str, output: str, config: InstructConfig | None = None)
         get_run_logger().info("reusing instruction-tuned model at %s", output)
         return output
     ckpt = checkpoint_dir("instruct", {"base": model, **cfg.model_dump()})
-    result = instruct(model, output, cfg, checkpoint_dir=ckpt, progress=False)
+    result = instruct(model, output, cfg, checkpoint_dir=ckpt, progress=False, overwrite=replacing(output))
     data = result.data
     get_run_logger().info("instruct (%s, template %s): %d rows, %d malformed lines, %d empty responses, "
                           "padding %.1f%%; final loss %.3f, %.0f tokens/s", cfg.objective, result.template,

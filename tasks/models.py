@@ -34,7 +34,8 @@ def bootstrap_task(output: str, config: BootstrapConfig | None = None) -> str:
     if is_bootstrapped(Path(output), cfg):
         get_run_logger().info("reusing bootstrap model at %s", output)
         return output
-    result = bootstrap(cfg, output, checkpoint_dir=checkpoint_dir("bootstrap", cfg.model_dump()), progress=False)
+    result = bootstrap(cfg, output, checkpoint_dir=checkpoint_dir("bootstrap", cfg.model_dump()), progress=False,
+                       overwrite=replacing(output))
     get_run_logger().info("bootstrap: final loss %.3f, %.0f tokens/s", result.final_loss, result.tokens_per_s)
     return output
 
@@ -50,9 +51,18 @@ def convert_task(base_model: str, output: str, config: ConvertConfig | None = No
             get_run_logger().info("reusing converted model at %s", output)
             return output
     ckpt = checkpoint_dir("convert", {"base": base_model, **cfg.model_dump()})
-    result = convert(base_model, output, cfg, checkpoint_dir=ckpt, progress=False)
+    result = convert(base_model, output, cfg, checkpoint_dir=ckpt, progress=False, overwrite=replacing(output))
     get_run_logger().info("convert: final loss %.3f, %.0f tokens/s", result.final_loss, result.tokens_per_s)
     return output
+
+
+def replacing(output: str) -> bool:
+    """True (and logged) when a flow-owned ``output`` holds a model made otherwise: it is swapped out atomically."""
+    if not Path(output).exists():
+        return False
+    get_run_logger().warning("%s holds a model made from another base or config: replacing it "
+                             "(the old one stays until the new one is complete)", output)
+    return True
 
 
 def _same_source(recorded: str, requested: str) -> bool:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from dlm.evaluate import EvalConfig
+from dlm.modeling import DiffusionSpec
 from dlm.train import TrainConfig
 from tests.conftest import tiny_convert_config
+from tests.dlm.helpers import leftovers
 
 
 def test_convert_flow_converts_evaluates_and_reuses(prefect_harness, tiny_ar, tmp_path, monkeypatch):
@@ -35,3 +37,10 @@ def test_convert_flow_converts_evaluates_and_reuses(prefect_harness, tiny_ar, tm
 
     keys = {a.key for a in asyncio.run(artifact())}
     assert "convert-flow-dlm" in keys
+
+    # A scheduled re-run with another config replaces the flow-owned model (swapped in when complete).
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 5})})
+    replaced = convert_flow(base_model=tiny_ar, name="flow-dlm", convert_config=changed, eval_config=ev)
+    assert replaced["model"] == str(model)
+    assert DiffusionSpec.read(model).stages[0]["config"]["train"]["steps"] == 5
+    assert leftovers(model.parent) == []
