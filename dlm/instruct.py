@@ -40,6 +40,7 @@ Shapes: B batch, T row length, P prompt length, L response length.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -55,7 +56,7 @@ from pydantic import BaseModel, Field
 from dlm.diffusion import ModelDenoiser, ar_loss, ar_nll, diffusion_loss, elbo
 from dlm.errors import FactoryError
 from dlm.instruct_data import Example, first_line, load_examples
-from dlm.modeling import Loaded, load_model, save_model, tokenizer_digest
+from dlm.modeling import SPEC_FILE, DiffusionSpec, Loaded, load_model, save_model, tokenizer_digest
 from dlm.sampling import SamplerConfig, sample
 from dlm.train import TrainConfig, TrainResult, train
 from dlm.vocab import add_special_tokens, unused_special_tokens
@@ -235,7 +236,8 @@ class SFTBatches:
     """
 
     def __init__(self, rows: list[Row], *, objective: str, response_len: int, response_bucket: int | None,
-                 batch_size: int, seed: int, eos: int, pad: int, window: int = 16, pads: list[int] = ()):
+                 batch_size: int, seed: int, eos: int, pad: int, window: int = 16,
+                 pads: list[int] | tuple[int, ...] = ()):
         if len(rows) < batch_size:
             raise FactoryError(f"only {len(rows)} usable examples, fewer than the batch size {batch_size}")
         self.rows, self.objective, self.batch_size, self.seed = rows, objective, batch_size, seed
@@ -375,7 +377,7 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
                          eos=eos, pad=pad, window=cfg.bucket_window, pads=pads)
     data["padding"] = batches.padding()
     data["padding_unbucketed"] = batches.padding(window=1)
-    log.info("instruct: %d rows; padding %.1f%% (unbucketed %.1f%%), EOS fill %.1f%%", len(rows),
+    log.info("instruct: %d rows; padding %.1f%% (unbucketed %.1f%%), response fill %.1f%%", len(rows),
              100 * data["padding"]["pad_fraction"], 100 * data["padding_unbucketed"]["pad_fraction"],
              100 * data["padding"]["eos_fill_fraction"])
     spec = loaded.spec
@@ -392,7 +394,7 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
              "chat_template": tok.chat_template, "prompt_format": DEFAULT_FORMAT if template == "default" else None,
              "padding": {"kind": "rainbow" if pads else "eos", "token_ids": pads,
                          "tokens": tok.convert_ids_to_tokens(pads)} if cfg.objective == "diffusion" else None,
-             "base_model": where, "ar_base": _ar_base(loaded, where), "config": cfg.model_dump(), "data": data,
+             "base_model": where, "ar_base": lineage_root(loaded.path or Path(where), where), "config": cfg.model_dump(), "data": data,
              "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}
     if spec is not None:
         spec.stages.append(stage)
@@ -415,8 +417,8 @@ def ensure_pad_tokens(loaded: Loaded, k: int, *, seed: int = 0) -> list[int]:
                            f"pass --pad-tokens {len(spec.pad_token_ids)}")
     pads = [i for i, _ in unused_special_tokens(tok, exclude={spec.mask_token_id})][:k]
     vocab = tok.get_vocab()
-    names = (f"<|pad_{i}|>" for i in range(10_000))
-    new = [n for n in names if n not in vocab][: k - len(pads)]
+    names = (f"<|pad_{i}|>" for i in itertools.count())
+    new = list(itertools.islice((n for n in names if n not in vocab), k - len(pads)))
     if new:
         pads += add_special_tokens(loaded, new, seed=seed, noise=0.1)
     spec.pad_token_ids = pads
@@ -424,14 +426,16 @@ def ensure_pad_tokens(loaded: Loaded, k: int, *, seed: int = 0) -> list[int]:
     return pads
 
 
-def _ar_base(loaded: Loaded, where: str) -> str:
-    """The AR checkpoint at the root of this model's lineage (the default judge)."""
-    if loaded.spec is not None:
-        return loaded.spec.source
-    report = (loaded.path or Path(where)) / REPORT_FILE
-    if report.is_file():
-        return json.loads(report.read_text()).get("ar_base") or where
-    return where
+def lineage_root(model_dir: str | os.PathLike, where: str) -> str:
+    """The AR checkpoint at the root of a model's lineage, read from the JSON beside its weights.
+
+    A DLM's ``source`` (diffusion.json), an AR SFT model's recorded base (instruct.json),
+    else ``where`` itself. The default judge, and what the instruct flow tunes its judge from.
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / SPEC_FILE).is_file():
+        return DiffusionSpec.read(model_dir).source
+    return (instruct_report(model_dir) or {}).get("ar_base") or where
 
 
 def instruct_report(model_dir: str | os.PathLike) -> dict | None:
@@ -542,10 +546,12 @@ def generation_metrics(loaded: Loaded, rows: list[Row], outputs: list[list[int]]
     exact = sum(f == r.first_line for f, r in zip(firsts, rows, strict=True)) / len(rows)
     similar = sum(line_similarity(f, r.first_line) for f, r in zip(firsts, rows, strict=True)) / len(rows)
 
+    own_digest = tokenizer_digest(tok)
+
     def judged(j: Loaded | None) -> float | None:
         if j is None:
             return None
-        if tokenizer_digest(j.tokenizer) == tokenizer_digest(tok):
+        if tokenizer_digest(j.tokenizer) == own_digest:
             prompts, conts = [r.prompt for r in rows], outputs
         else:  # re-tokenize text for a judge with another tokenizer
             prompts = [j.tokenizer(tok.decode(r.prompt))["input_ids"] for r in rows]
@@ -570,11 +576,6 @@ def line_similarity(a: str, b: str) -> float:
 def has_code(text: str) -> bool:
     """True when some line is neither blank nor a comment."""
     return any(line.strip() and not line.strip().startswith("#") for line in text.splitlines())
-
-
-def default_judge(loaded: Loaded, where: str) -> str:
-    """The AR checkpoint a model is judged by: a DLM's source model, an SFT model's AR base, else itself."""
-    return _ar_base(loaded, where)
 
 
 def evaluate_loaded_instruct(loaded: Loaded, cfg: InstructEvalConfig, judge: Loaded | None = None,
@@ -606,7 +607,7 @@ def evaluate_instruct(model: str | os.PathLike, cfg: InstructEvalConfig,
     """
     where = os.fspath(model)
     loaded = load_model(model)
-    judge_src = cfg.judge or default_judge(loaded, where)
+    judge_src = cfg.judge or lineage_root(loaded.path or Path(where), where)
     judge = None
     try:
         judge = load_model(judge_src)
@@ -617,7 +618,7 @@ def evaluate_instruct(model: str | os.PathLike, cfg: InstructEvalConfig,
             raise
         log.warning("no judge for %s (%s): judge NLL skipped", where, e)
         judge = None
-    tuned = judge is not None and (judge.path is not None and (judge.path / REPORT_FILE).is_file())
+    tuned = judge is not None and judge.path is not None and instruct_report(judge.path) is not None
     if judge is not None and not tuned:
         log.warning("judge %s is not instruction-tuned: its NLL rewards degenerate repetition; "
                     "pass an AR SFT model as the judge (factory instruct --objective ar)", judge_src)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from dlm.instruct import InstructConfig, InstructEvalConfig, summary
-from dlm.modeling import DiffusionSpec
+from dlm.instruct import InstructConfig, InstructEvalConfig, lineage_root, summary
 from dlm.paths import factory_home, materialize
 from tasks.instruct import instruct_eval_task, instruct_task
 from tasks.models import report_artifact
@@ -51,7 +50,7 @@ def instruct_flow(model: str | None = None, name: str = "stdlib-dlm-instruct",
     tuned = instruct_task(model, str(models / name), config)
     judge = judge or eval_config.judge
     if not judge:
-        source = DiffusionSpec.read(materialize(model)).source
+        source = lineage_root(materialize(model), model)
         judge = instruct_task(source, str(models / f"{name}-judge"), judge_config(config))
     eval_config = eval_config.model_copy(update={"judge": judge})
     # One after the other: each already uses every core, and model loading is not thread-safe.
