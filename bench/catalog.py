@@ -78,7 +78,7 @@ def _timed(fn) -> float:
 def _repeat(r: int, label: str, src: Path, local: list[Path], root: str, fs, bucket: str, work: Path,
             times: dict[str, list[float]]) -> None:
     """One repeat: publish vs raw put, then cold pull vs raw get (order alternates), warm pull."""
-    from catalog import Catalog
+    from dlm_factory.catalog import Catalog
 
     cat = Catalog(root, cache_dir=work / f"cache-{label}-{r}")
     name = f"{label}-{r}"  # a fresh name: a full upload

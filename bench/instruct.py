@@ -30,10 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dlm.instruct import InstructConfig, InstructEvalConfig, evaluate_instruct, instruct, summary  # noqa: E402
-from dlm.modeling import load_model  # noqa: E402
-from dlm.paths import factory_home  # noqa: E402
-from dlm.train import TrainConfig  # noqa: E402
+from dlm_factory.dlm.checkpoint.io import load_model  # noqa: E402
+from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct, summary  # noqa: E402
+from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
+from dlm_factory.dlm.train.config import TrainConfig  # noqa: E402
+from dlm_factory.home import factory_home  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -168,7 +169,7 @@ def main() -> int:
 
 def sampler_ablation(model: str, ecfg: InstructEvalConfig, block_sizes: list[int], extra_judges: dict) -> dict:
     """Generation metrics of ``model`` with other semi-AR block sizes (LLaDA: smaller blocks curb EOS over-production)."""
-    from dlm.instruct import generation_metrics, generations, heldout_rows
+    from dlm_factory.dlm.evaluation.instruct import generation_metrics, generations, heldout_rows
 
     if not block_sizes:
         return {}

@@ -2,7 +2,7 @@
 
 Python API (mirrors ``factory catalog``)::
 
-    from catalog import Catalog
+    from dlm_factory.catalog import Catalog
     cat = Catalog("s3://bucket/catalog")          # or None: $FACTORY_CATALOG / ./.factory/catalog
     res = cat.publish("out/dlm", "dlm-base", kind="general", evals=[...], lineage={...})
     cat.pull("dlm-base", "/srv/models/dlm-base")  # NAME[:VERSION], verified
@@ -17,11 +17,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from catalog.errors import CatalogError
+from dlm_factory.catalog.errors import CatalogError
 
 if TYPE_CHECKING:
-    from catalog.core import Catalog, GcReport, Published, Pulled, Ref, Shown, Verified, VersionInfo
-    from catalog.schema import (
+    from dlm_factory.catalog.core import (
+        Catalog,
+        GcReport,
+        Published,
+        Pulled,
+        Ref,
+        Shown,
+        Verified,
+        VersionInfo,
+    )
+    from dlm_factory.catalog.schema import (
         SCHEMA_VERSION,
         Combination,
         EnsembleMember,
@@ -32,23 +41,23 @@ if TYPE_CHECKING:
         Manifest,
         Parent,
     )
-    from catalog.store import StorageError
+    from dlm_factory.catalog.store import StorageError
 
 # Loaded on first use, so that `from catalog.errors import CatalogError` (the factory CLI does
 # it at startup) does not pay for pydantic models and the core.
 _LAZY = {
     **dict.fromkeys(["Catalog", "GcReport", "Published", "Pulled", "Ref", "Shown", "Verified",
-                     "VersionInfo"], "catalog.core"),
+                     "VersionInfo"], "dlm_factory.catalog.core"),
     **dict.fromkeys(["SCHEMA_VERSION", "Combination", "EnsembleMember", "EnsembleSpec", "EvalResult",
-                     "FileEntry", "Lineage", "Manifest", "Parent"], "catalog.schema"),
-    "StorageError": "catalog.store",
+                     "FileEntry", "Lineage", "Manifest", "Parent"], "dlm_factory.catalog.schema"),
+    "StorageError": "dlm_factory.catalog.store",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'catalog' has no attribute {name!r}")
+    raise AttributeError(f"module 'dlm_factory.catalog' has no attribute {name!r}")
 
 
 __all__ = [
@@ -60,7 +69,7 @@ __all__ = [
 
 
 def _cat(root):
-    from catalog.core import Catalog
+    from dlm_factory.catalog.core import Catalog
 
     return Catalog(root)
 

@@ -1,7 +1,7 @@
-"""``python -m catalog ...``: the catalog CLI for serving nodes without torch."""
+"""``python -m dlm_factory.catalog ...``: the catalog CLI for serving nodes without torch."""
 
 import sys
 
-from catalog.cli import main
+from dlm_factory.catalog.cli import main
 
 sys.exit(main())

@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from catalog.errors import CatalogError
-from catalog.schema import FileEntry
-from catalog.store import CHUNK, ObjectMissing, Store
+from dlm_factory.catalog.errors import CatalogError
+from dlm_factory.catalog.schema import FileEntry
+from dlm_factory.catalog.store import CHUNK, ObjectMissing, Store
+from dlm_factory.digest import sha256_file
 
 
 def _stamp(target: Path | int) -> None:
@@ -36,16 +37,6 @@ def _stamp(target: Path | int) -> None:
     now = time.time_ns() // 10**9 * 10**9 + VERIFIED_NS
     os.utime(target, ns=(now, now))
 
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while data := f.read(CHUNK):
-            h.update(data)
-            size += len(data)
-            if on_bytes:
-                on_bytes(len(data))
-    return size, h.hexdigest()
 
 VERIFIED_NS = 271_828_182  # st_mtime_ns % 1e9 of a verified blob
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from catalog.schema import Content, EnsembleSpec
+from dlm_factory.catalog.schema import Content, EnsembleSpec
 
 _KIND_LINE = {
     "general": "A general diffusion language model",

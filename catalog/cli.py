@@ -1,4 +1,4 @@
-"""``factory catalog ...`` (and ``python -m catalog ...``): publish, pull, list, show, verify, gc.
+"""``factory catalog ...`` (and ``python -m dlm_factory.catalog ...``): publish, pull, list, show, verify, gc.
 
 The root is ``--root URL``, else ``$FACTORY_CATALOG``, else ``file://$FACTORY_HOME/catalog``.
 Human tables by default, ``--json`` for machines. Any CatalogError prints one
@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Any
 
-from catalog.errors import CatalogError
+from dlm_factory.catalog.errors import CatalogError
 
 KINDS = ("general", "specialist", "ensemble")
 
@@ -92,8 +92,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m catalog``: the catalog subcommands without the rest of the factory."""
-    parser = argparse.ArgumentParser(prog="python -m catalog",
+    """``python -m dlm_factory.catalog``: the catalog subcommands without the rest of the factory."""
+    parser = argparse.ArgumentParser(prog="python -m dlm_factory.catalog",
                                      description="Object-store model catalog: publish, pull, list, show, verify, gc.")
     add_commands(parser.add_subparsers(dest="catalog_command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _catalog(args):
-    from catalog.core import Catalog
+    from dlm_factory.catalog.core import Catalog
 
     return Catalog(args.root)
 

@@ -38,11 +38,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from catalog.cache import BlobCache, sha256_file
-from catalog.card import render_card
-from catalog.errors import CatalogError
-from catalog.progress import Progress, ProgressArg
-from catalog.schema import (
+from dlm_factory.catalog.cache import BlobCache
+from dlm_factory.catalog.card import render_card
+from dlm_factory.catalog.errors import CatalogError
+from dlm_factory.catalog.progress import Progress, ProgressArg
+from dlm_factory.catalog.schema import (
     CARD_FILE,
     ENSEMBLE_FILE,
     KINDS,
@@ -66,9 +66,11 @@ from catalog.schema import (
     parse_ensemble,
     parse_manifest,
 )
-from catalog.store import ObjectMissing, StorageError, Store
+from dlm_factory.catalog.store import ObjectMissing, StorageError, Store
+from dlm_factory.digest import sha256_file
+from dlm_factory.home import factory_home
 
-log = logging.getLogger("catalog")
+log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval_results.json"  # optional in a published dir: a list of EvalResult
 DEFAULT_WORKERS = 16
@@ -77,10 +79,6 @@ GC_DEFAULT_AGE_S = 24 * 3600.0
 
 # ---------------------------------------------------------------------------------------------
 # Configuration and references
-
-
-def factory_home() -> Path:
-    return Path(os.environ.get("FACTORY_HOME", ".factory")).expanduser().resolve()
 
 
 def default_root() -> str:

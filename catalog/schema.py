@@ -14,7 +14,7 @@ Identity of a version (see docs/catalog.md):
   flipped byte anywhere in MANIFEST.json is detected.
 
 Regenerate the published JSON Schemas with
-``python -c 'import catalog.schema as s; s.write_schemas()'``.
+``python -c 'import dlm_factory.catalog.schema as s; s.write_schemas()'``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from catalog.errors import CatalogError
+from dlm_factory.catalog.errors import CatalogError
 
 SCHEMA_VERSION = 1
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qsl, urlsplit
 
-from catalog.errors import CatalogError
+from dlm_factory.catalog.errors import CatalogError
 
 CHUNK = 4 << 20  # read/write granularity
 PART_SIZE = 16 << 20  # S3 multipart part size (files >= 2 parts go multipart)

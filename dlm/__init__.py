@@ -1,10 +1,12 @@
-"""Core library of the diffusion LM factory.
+"""Core library of the diffusion LM factory (installed as ``dlm_factory.dlm``).
 
-Everything here is plain Python + torch/transformers: no Prefect, no storage
-layout. Importing ``dlm`` itself stays light (no torch) so that the ``factory``
-command line can start fast and serve ``factory catalog`` on nodes without torch.
+Plain Python + torch/transformers: no Prefect, no CLI, no storage layout. Grouped by
+concern (docs/layout.md): ``runtime`` (device, precision, ranks), ``checkpoint``
+(load/save, spec, stage record), ``data``, ``diffusion`` (forward, objective,
+denoisers), ``sampling``, ``train``, ``stages``, ``evaluation``. Importing the
+package itself stays light (no torch).
 """
 
-from dlm.errors import FactoryError
+from dlm_factory.dlm.errors import FactoryError
 
 __all__ = ["FactoryError"]

@@ -18,33 +18,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from dlm.errors import FactoryError
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.home import factory_home
 
 # Files worth fetching from a remote model source: no *.bin/*.pt/*.pkl, ever.
 MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.md", "*.jinja")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def factory_home() -> Path:
-    """Root of everything the embedded defaults write (``FACTORY_HOME``, default ``./.factory``)."""
-    return Path(os.environ.get("FACTORY_HOME", ".factory")).resolve()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def dir_digest(path: Path, patterns: tuple[str, ...] = ("*.safetensors",)) -> str:
-    """sha256 over (relative name, file sha256) of the files matching ``patterns``."""
-    files = sorted({p for pat in patterns for p in Path(path).rglob(pat) if p.is_file()})
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
-    return "sha256:" + h.hexdigest()
 
 
 def materialize(src: str | os.PathLike, *, patterns: tuple[str, ...] = MODEL_PATTERNS) -> Path:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dlm.bootstrap import BootstrapConfig
-from dlm.convert import ConvertConfig
-from dlm.evaluate import EvalConfig
-from dlm.paths import factory_home
-from tasks.models import bootstrap_task, convert_task, eval_task, report_artifact
+from dlm_factory.dlm.evaluation.corpus import EvalConfig
+from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
+from dlm_factory.dlm.stages.convert import ConvertConfig
+from dlm_factory.home import factory_home
+from dlm_factory.tasks.models import bootstrap_task, convert_task, eval_task, report_artifact
 
 
 @flow(name="convert", log_prints=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.convert import convert_flow
-from flows.instruct import instruct_flow
+from dlm_factory.flows.convert import convert_flow
+from dlm_factory.flows.instruct import instruct_flow
 
 
 @flow(name="factory-demo", log_prints=True)

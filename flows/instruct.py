@@ -12,10 +12,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from dlm.instruct import InstructConfig, InstructEvalConfig, lineage_root, summary
-from dlm.paths import factory_home, materialize
-from tasks.instruct import instruct_eval_task, instruct_task
-from tasks.models import report_artifact
+from dlm_factory.dlm.checkpoint.record import lineage_root
+from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, summary
+from dlm_factory.dlm.paths import materialize
+from dlm_factory.dlm.stages.instruct import InstructConfig
+from dlm_factory.home import factory_home
+from dlm_factory.tasks.instruct import instruct_eval_task, instruct_task
+from dlm_factory.tasks.models import report_artifact
 
 JUDGE_SEED = 1  # the judge's SFT seed differs from the tuned models' (0): nothing is scored by itself
 
@@ -44,7 +47,7 @@ def instruct_flow(model: str | None = None, name: str = "stdlib-dlm-instruct",
     if not model:
         model = str(models / "stdlib-dlm")
         if not (Path(model) / "diffusion.json").is_file():
-            from flows.convert import convert_flow
+            from dlm_factory.flows.convert import convert_flow
 
             model = convert_flow()["model"]
     tuned = instruct_task(model, str(models / name), config)

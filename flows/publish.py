@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.publish import publish_task
+from dlm_factory.tasks.publish import publish_task
 
 
 @flow(name="publish", log_prints=True)

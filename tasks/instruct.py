@@ -10,15 +10,10 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from dlm.instruct import (
-    InstructConfig,
-    InstructEvalConfig,
-    evaluate_instruct,
-    instruct,
-    instruct_report,
-    summary,
-)
-from tasks.models import checkpoint_dir, replacing, report_artifact
+from dlm_factory.dlm.checkpoint.record import instruct_report
+from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct, summary
+from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
+from dlm_factory.tasks.models import checkpoint_dir, replacing, report_artifact
 
 
 @task(name="instruct", retries=1, task_run_name="instruct {model} -> {output}")

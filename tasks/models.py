@@ -14,11 +14,11 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from dlm.bootstrap import BootstrapConfig, bootstrap, is_bootstrapped
-from dlm.convert import ConvertConfig, convert
-from dlm.evaluate import EvalConfig, evaluate
-from dlm.modeling import DiffusionSpec
-from dlm.paths import factory_home
+from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
+from dlm_factory.dlm.evaluation.corpus import EvalConfig, evaluate
+from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap, is_bootstrapped
+from dlm_factory.dlm.stages.convert import ConvertConfig, convert
+from dlm_factory.home import factory_home
 
 
 def checkpoint_dir(stage: str, config: dict) -> Path:

@@ -11,7 +11,7 @@ import re
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from catalog import Catalog, Published, StorageError
+from dlm_factory.catalog import Catalog, Published, StorageError
 
 
 def _retry_on_storage_error(task, task_run, state) -> bool:

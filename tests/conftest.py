@@ -13,8 +13,8 @@ TINY_SEQ = 64
 
 
 def tiny_bootstrap_config():
-    from dlm.bootstrap import BootstrapConfig
-    from dlm.train import TrainConfig
+    from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
+    from dlm_factory.dlm.train.config import TrainConfig
 
     return BootstrapConfig(max_chars=300_000, vocab_size=512, hidden_size=64, num_layers=2, num_heads=2,
                            intermediate_size=128, seq_len=TINY_SEQ, max_positions=256,
@@ -22,8 +22,8 @@ def tiny_bootstrap_config():
 
 
 def tiny_convert_config(**overrides):
-    from dlm.convert import ConvertConfig
-    from dlm.train import TrainConfig
+    from dlm_factory.dlm.stages.convert import ConvertConfig
+    from dlm_factory.dlm.train.config import TrainConfig
 
     values = dict(max_chars=200_000, seq_len=TINY_SEQ, anneal_steps=10,
                   train=TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=2))
@@ -34,7 +34,7 @@ def tiny_convert_config(**overrides):
 @pytest.fixture(scope="session")
 def tiny_ar(tmp_path_factory) -> str:
     """A tiny Llama AR checkpoint trained for 30 steps on a stdlib subset (tokenizer: 512 BPE)."""
-    from dlm.bootstrap import bootstrap
+    from dlm_factory.dlm.stages.bootstrap import bootstrap
 
     out = tmp_path_factory.mktemp("models") / "tiny-ar"
     bootstrap(tiny_bootstrap_config(), out, progress=False)
@@ -44,7 +44,7 @@ def tiny_ar(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_dlm(tiny_ar, tmp_path_factory) -> str:
     """``tiny_ar`` converted to a diffusion LM (20 steps, annealing over 10)."""
-    from dlm.convert import convert
+    from dlm_factory.dlm.stages.convert import convert
 
     out = tmp_path_factory.mktemp("models") / "tiny-dlm"
     convert(tiny_ar, out, tiny_convert_config(), progress=False)

@@ -47,6 +47,6 @@ def _factory_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def cat(root, tmp_path):
-    from catalog import Catalog
+    from dlm_factory.catalog import Catalog
 
     return Catalog(root, cache_dir=tmp_path / "cache")

@@ -6,9 +6,7 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from catalog.cli import main
+from dlm_factory.catalog.cli import main
 from tests.catalog.helpers import REPO, flip_byte, make_model
 
 
@@ -70,7 +68,7 @@ def test_cli_errors_are_one_line_exit_2(root, tmp_path, capsys):
 
     code, out, _ = _cli(capsys, "publish", str(src), "--name", "m", "--root", root, "--json")
     version = json.loads(out)["version"]
-    from catalog import Catalog
+    from dlm_factory.catalog import Catalog
 
     flip_byte(Catalog(root), f"models/m/{version}/model.safetensors")
     code, _, err = _cli(capsys, "verify", "m", "--root", root)
@@ -95,7 +93,7 @@ def test_python_dash_m_catalog_without_torch_or_prefect(tmp_path):
     code = (
         "import sys, runpy\n"
         "sys.argv = ['catalog', 'publish', sys.argv[1], '--name', 'm', '--root', sys.argv[2], '--json']\n"
-        "try:\n    runpy.run_module('catalog', run_name='__main__')\n"
+        "try:\n    runpy.run_module('dlm_factory.catalog', run_name='__main__')\n"
         "except SystemExit as e:\n    rc = e.code\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'prefect', 'transformers')]\n"
         "print('IMPORTED', bad)\nsys.exit(rc)\n"
@@ -105,13 +103,13 @@ def test_python_dash_m_catalog_without_torch_or_prefect(tmp_path):
                                          "FACTORY_HOME": str(tmp_path / "home"), "FACTORY_GIT_SHA": "0" * 40})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("IMPORTED []")
-    proc = subprocess.run([sys.executable, "-m", "catalog", "pull", "m:zz", str(tmp_path / "o"), "--root", root],
+    proc = subprocess.run([sys.executable, "-m", "dlm_factory.catalog", "pull", "m:zz", str(tmp_path / "o"), "--root", root],
                           capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and proc.stderr == "error: invalid version 'zz': expected 'latest' or 12 hex digits\n"
 
 
 def test_factory_catalog_is_wired(tmp_path, capsys):
-    cli = pytest.importorskip("dlm.cli")
+    from dlm_factory import cli
     src = make_model(tmp_path / "m")
     root = f"file://{tmp_path / 'store'}"
     assert cli.main(["catalog", "publish", str(src), "--name", "m", "--root", root, "--json"]) == 0

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from catalog import Catalog, CatalogError
+from dlm_factory.catalog import Catalog, CatalogError
 from tests.catalog.helpers import make_model
 from tests.catalog.worker import Worker
 

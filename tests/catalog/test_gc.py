@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from catalog import CatalogError
-from catalog.schema import manifest_bytes
+from dlm_factory.catalog import CatalogError
+from dlm_factory.catalog.schema import manifest_bytes
 from tests.catalog.helpers import make_model
 
 
@@ -67,7 +67,7 @@ def test_unreferenced_versions_and_ensemble_members(cat, tmp_path):
 
 
 def test_incomplete_multipart_uploads_are_aborted(s3_root, tmp_path):
-    from catalog import Catalog
+    from dlm_factory.catalog import Catalog
 
     cat = Catalog(s3_root, cache_dir=tmp_path / "cache")
     bucket, _, prefix = cat.store.base.partition("/")

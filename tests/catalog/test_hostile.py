@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from catalog import Catalog, CatalogError
-from catalog.core import Ref
-from catalog.schema import check_file_path, check_name
+from dlm_factory.catalog import Catalog, CatalogError
+from dlm_factory.catalog.core import Ref
+from dlm_factory.catalog.schema import check_file_path, check_name
 from tests.catalog.helpers import make_model
 
 HOSTILE = [
@@ -107,7 +107,7 @@ def _forge(cat, name: str, filename: str, payload: bytes) -> None:
     import hashlib
     import json
 
-    from catalog.schema import canonical_json
+    from dlm_factory.catalog.schema import canonical_json
 
     card = b"card"
     files = [{"path": filename, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}]
@@ -139,7 +139,7 @@ def test_pull_refuses_a_consistent_manifest_listing_pickle(cat, tmp_path):
 
 @pytest.mark.parametrize("key", ["../x", "models/../../x", "/etc/passwd", "a/./b", "a\\b", "a\x00b"])
 def test_store_refuses_keys_escaping_the_root(key, tmp_path):
-    from catalog.store import Store
+    from dlm_factory.catalog.store import Store
 
     for store in (Store(f"file://{tmp_path}", fs=Bomb()), Store("s3://bucket/p", fs=Bomb())):
         with pytest.raises(CatalogError, match="escapes the catalog root"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from catalog import Catalog
+from dlm_factory.catalog import Catalog
 from tests.catalog.helpers import make_model
 from tests.catalog.worker import Worker
 

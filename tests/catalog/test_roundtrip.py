@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from catalog import Catalog, CatalogError, EvalResult
-from catalog.schema import MANIFEST_FILE, parse_manifest
+from dlm_factory.catalog import Catalog, CatalogError, EvalResult
+from dlm_factory.catalog.schema import MANIFEST_FILE, parse_manifest
 from tests.catalog.helpers import make_model
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import catalog.schema as schema
-from catalog import CatalogError
-from catalog.card import render_card
-from catalog.schema import (
+import dlm_factory.catalog.schema as schema
+from dlm_factory.catalog import CatalogError
+from dlm_factory.catalog.card import render_card
+from dlm_factory.catalog.schema import (
     Content,
     EnsembleSpec,
     EvalResult,
@@ -99,7 +99,7 @@ def test_published_json_schemas_are_current_and_validate():
     here = Path(schema.__file__).parent
     for fname, data in schema.json_schemas().items():
         assert (here / fname).read_bytes() == data, (
-            f"{fname} is stale: python -c 'import catalog.schema as s; s.write_schemas()'")
+            f"{fname} is stale: python -c 'import dlm_factory.catalog.schema as s; s.write_schemas()'")
     m, _ = _golden()
     jsonschema.validate(json.loads(manifest_bytes(m)), json.loads((here / "manifest.schema.json").read_text()))
     spec = EnsembleSpec(members=[{"name": "g", "version": "a" * 12, "digest": "sha256:" + SHA["a"], "role": "general"}],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from catalog import CatalogError
+from dlm_factory.catalog import CatalogError
 from tests.catalog.helpers import flip_byte, make_model
 
 

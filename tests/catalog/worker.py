@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 
 import s3fs  # noqa: F401 - preloaded into the forkserver
 
-from catalog import Catalog
+from dlm_factory.catalog import Catalog
 
 PART_SIZE = 5 << 20  # the S3 minimum part size: small multipart uploads in tests
 _CTX = None

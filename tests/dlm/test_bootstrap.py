@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dlm.bootstrap import BootstrapConfig, bootstrap, is_bootstrapped
-from dlm.modeling import load_model
-from dlm.paths import sha256_file
-from dlm.train import TrainConfig
+from dlm_factory.digest import sha256_file
+from dlm_factory.dlm.checkpoint.io import load_model
+from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap, is_bootstrapped
+from dlm_factory.dlm.train.config import TrainConfig
 
 
 def small() -> BootstrapConfig:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dlm.cli import main
+from dlm_factory.cli import main
 from tests.dlm.helpers import leftovers
 
 

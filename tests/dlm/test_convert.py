@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from dlm.convert import anneal_rate, convert, ensure_mask_token
-from dlm.diffusion import ModelDenoiser, elbo
-from dlm.modeling import Loaded, load_model, tokenizer_digest
-from dlm.train import TrainConfig
+from dlm_factory.digest import tokenizer_digest
+from dlm_factory.dlm.checkpoint.io import Loaded, load_model
+from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.evaluation.likelihood import elbo
+from dlm_factory.dlm.stages.convert import anneal_rate, convert, ensure_mask_token
+from dlm_factory.dlm.train.config import TrainConfig
 from tests.conftest import tiny_convert_config
 from tests.dlm.helpers import plain_tokenizer, save_random_checkpoint
 
@@ -69,8 +71,8 @@ def test_mask_token_uses_spare_embedding_rows_without_resizing():
 def test_special_tokens_refuse_a_name_already_in_the_vocabulary():
     from transformers import AutoModelForCausalLM
 
-    from dlm.errors import FactoryError
-    from dlm.vocab import add_special_tokens
+    from dlm_factory.dlm.checkpoint.vocab import add_special_tokens
+    from dlm_factory.dlm.errors import FactoryError
     from tests.dlm.helpers import tiny_config
 
     tok = plain_tokenizer(["x = 1\n"] * 20)
@@ -93,7 +95,7 @@ def test_anneal_rate_schedule():
 def test_tokenizer_digest_guards_the_spec(tiny_dlm, tmp_path):
     import shutil
 
-    from dlm.errors import FactoryError
+    from dlm_factory.dlm.errors import FactoryError
 
     copy = tmp_path / "dlm"
     shutil.copytree(tiny_dlm, copy)

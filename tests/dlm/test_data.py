@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from dlm.bootstrap import train_tokenizer
-from dlm.data import Blocks, read_documents, stdlib_documents, tokenize_blocks
-from dlm.errors import FactoryError
+from dlm_factory.dlm.data.corpus import Blocks, read_documents, stdlib_documents, tokenize_blocks
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.stages.bootstrap import train_tokenizer
 
 
 def test_stdlib_split_is_deterministic_disjoint_and_skips_tests():
@@ -59,6 +59,6 @@ def test_blocks_and_batches():
 
 def test_tokenizer_training_is_reproducible():
     texts = [d.text for d in stdlib_documents("heldout", max_chars=30_000)]
-    from dlm.modeling import tokenizer_digest
+    from dlm_factory.digest import tokenizer_digest
 
     assert tokenizer_digest(train_tokenizer(texts, 300)) == tokenizer_digest(train_tokenizer(texts, 300))

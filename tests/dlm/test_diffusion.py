@@ -7,16 +7,12 @@ import math
 import pytest
 import torch
 
-from dlm.diffusion import (
-    ModelDenoiser,
-    attention_bias,
-    corrupt,
-    diffusion_loss,
-    elbo,
-    full_logits,
-    maskable,
-)
-from dlm.modeling import DiffusionSpec, load_model
+from dlm_factory.dlm.checkpoint.io import load_model
+from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
+from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.diffusion.forward import attention_bias, full_logits
+from dlm_factory.dlm.diffusion.objective import corrupt, diffusion_loss, maskable
+from dlm_factory.dlm.evaluation.likelihood import elbo
 
 
 def spec(shift=True, mask=3) -> DiffusionSpec:
@@ -142,7 +138,7 @@ def test_diffusion_loss_golden_and_per_sequence(tiny_dlm):
 
 
 def test_model_denoiser_refuses_ar_checkpoint(tiny_ar):
-    from dlm.errors import FactoryError
+    from dlm_factory.dlm.errors import FactoryError
 
     with pytest.raises(FactoryError, match="autoregressive checkpoint"):
         ModelDenoiser(load_model(tiny_ar))

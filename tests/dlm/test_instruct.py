@@ -8,28 +8,21 @@ import math
 import pytest
 import torch
 
-from dlm.diffusion import ar_loss, corrupt, diffusion_loss, sample_t
-from dlm.errors import FactoryError
-from dlm.instruct import (
+from dlm_factory.dlm.checkpoint.io import load_model
+from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
+from dlm_factory.dlm.data.chat import (
     DEFAULT_CHAT_TEMPLATE,
     DEFAULT_FORMAT,
-    InstructConfig,
-    InstructEvalConfig,
-    Row,
-    SFTBatches,
-    ar_row,
-    collate,
-    diffusion_row,
-    encode,
     ensure_chat_template,
-    evaluate_instruct,
-    instruct,
     render_prompt,
-    summary,
 )
-from dlm.instruct_data import Example
-from dlm.modeling import DiffusionSpec, load_model
-from dlm.train import TrainConfig
+from dlm_factory.dlm.data.instructions import Example
+from dlm_factory.dlm.data.sft import Row, SFTBatches, ar_row, collate, diffusion_row, encode
+from dlm_factory.dlm.diffusion.objective import ar_loss, corrupt, diffusion_loss, sample_t
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct, summary
+from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
+from dlm_factory.dlm.train.config import TrainConfig
 from tests.dlm.helpers import leftovers, plain_tokenizer
 
 
@@ -127,9 +120,9 @@ def test_rainbow_rows_cycle_distinct_pads_after_one_eos():
 
 
 def test_pad_tokens_reuse_reserved_then_add_distinct_rows(tiny_dlm):
-    from dlm.instruct import ensure_pad_tokens
-    from dlm.modeling import tokenizer_digest
-    from dlm.vocab import unused_special_tokens
+    from dlm_factory.digest import tokenizer_digest
+    from dlm_factory.dlm.checkpoint.vocab import unused_special_tokens
+    from dlm_factory.dlm.stages.instruct import ensure_pad_tokens
 
     loaded = load_model(tiny_dlm)
     tok, spec = loaded.tokenizer, loaded.spec
@@ -290,7 +283,7 @@ def test_prompt_longer_than_context_is_refused(tiny_dlm, tmp_path):
 
 
 def test_existing_output_and_mask_token_text(tiny_dlm, jsonl, tmp_path):
-    from dlm.instruct import prepare_rows
+    from dlm_factory.dlm.data.sft import prepare_rows
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(FactoryError, match="output already exists"):
@@ -332,7 +325,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_dlm, jsonl, tmp_path)
 
 def test_evaluate_dlm_and_ar(tiny_ar, tiny_dlm, jsonl, caplog):
     cfg = InstructEvalConfig(data=jsonl, response_len=16, max_examples=6, gen_examples=3, mc_samples=4)
-    with caplog.at_level("WARNING", logger="dlm.instruct"):
+    with caplog.at_level("WARNING", logger="dlm_factory.dlm.stages.instruct"):
         d = evaluate_instruct(tiny_dlm, cfg)
     assert d["judge"] == tiny_ar and d["kind"] == "diffusion" and d["examples"] == 6
     assert d["judge_tuned"] is False and "is not instruction-tuned" in caplog.text
@@ -349,7 +342,7 @@ def test_evaluate_dlm_and_ar(tiny_ar, tiny_dlm, jsonl, caplog):
 
 
 def test_generation_metrics_first_line_and_extra_judges(tiny_ar):
-    from dlm.instruct import generation_metrics, line_similarity
+    from dlm_factory.dlm.evaluation.instruct import generation_metrics, line_similarity
 
     assert line_similarity("abcd", "abce") == 0.75 and line_similarity("", "x") == 0.0
     assert line_similarity("return x", "return x") == 1.0
@@ -365,7 +358,7 @@ def test_generation_metrics_first_line_and_extra_judges(tiny_ar):
 
 
 def test_cli_instruct_and_eval(tiny_ar, tiny_dlm, jsonl, tmp_path, capsys):
-    from dlm.cli import main
+    from dlm_factory.cli import main
 
     assert main(["instruct", "--model", tiny_ar, "--data", jsonl, "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' loading bar)

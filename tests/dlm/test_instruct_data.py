@@ -7,9 +7,8 @@ import textwrap
 
 import pytest
 
-from dlm.data import Document, heldout
-from dlm.errors import FactoryError
-from dlm.instruct_data import (
+from dlm_factory.dlm.data.corpus import Document, heldout
+from dlm_factory.dlm.data.instructions import (
     function_examples,
     instruction_sets,
     load_examples,
@@ -17,6 +16,7 @@ from dlm.instruct_data import (
     stdlib_instructions,
     write_jsonl,
 )
+from dlm_factory.dlm.errors import FactoryError
 
 MODULE = textwrap.dedent('''\
     """Module docstring."""

@@ -8,9 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlm.errors import FactoryError
-from dlm.metrics import judge_nll, longest_repeat, parse_rate, parses, repetition
-from dlm.modeling import load_model
+from dlm_factory.dlm.checkpoint.io import load_model
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.evaluation.metrics import (
+    judge_nll,
+    longest_repeat,
+    parse_rate,
+    parses,
+    repetition,
+)
 
 
 def test_parse_rate_golden():

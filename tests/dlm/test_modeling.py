@@ -7,7 +7,7 @@ import sys
 
 SCRIPT = """
 import sys, threading
-from dlm.modeling import load_model
+from dlm_factory.dlm.checkpoint.io import load_model
 errors = []
 def load():
     try:

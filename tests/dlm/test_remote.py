@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dlm.data import read_documents
-from dlm.errors import FactoryError
-from dlm.modeling import load_model
-from dlm.paths import sha256_file
+from dlm_factory.digest import sha256_file
+from dlm_factory.dlm.checkpoint.io import load_model
+from dlm_factory.dlm.data.corpus import read_documents
+from dlm_factory.dlm.errors import FactoryError
 
 
 @pytest.fixture
@@ -49,8 +49,8 @@ def test_instruction_data_from_s3_tunes_and_reports_bad_lines(bucket, tiny_dlm, 
     """JSONL instructions by s3:// URL on a real S3 API: both formats, bad lines named by object and line."""
     import json
 
-    from dlm.instruct import InstructConfig, instruct
-    from dlm.train import TrainConfig
+    from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
+    from dlm_factory.dlm.train.config import TrainConfig
 
     fs, name = bucket
     lines = [json.dumps({"prompt": f"Implement `add{i}(x)`.", "response": f"return x + {i}"}) for i in range(7)]

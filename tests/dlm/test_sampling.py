@@ -10,11 +10,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm.cli import main
-from dlm.diffusion import ModelDenoiser
-from dlm.errors import FactoryError
-from dlm.modeling import DiffusionSpec, Loaded, load_model, set_bidirectional
-from dlm.sampling import SamplerConfig, choose, commits_per_step, generate, sample, steps_per_block
+from dlm_factory.cli import main
+from dlm_factory.dlm.checkpoint.io import Loaded, load_model, set_bidirectional
+from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
+from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.sampling.generate import generate
+from dlm_factory.dlm.sampling.sampler import (
+    SamplerConfig,
+    choose,
+    commits_per_step,
+    sample,
+    steps_per_block,
+)
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
 
@@ -302,9 +310,9 @@ def test_cli_refuses_an_ar_checkpoint(tiny_ar, capsys):
 
 def test_generate_formats_prompts_like_sft_for_instruction_tuned_models(tiny_dlm, monkeypatch):
     """An instruction-tuned model sees the chat-template prompt it was trained on; raw stays raw."""
-    import dlm.sampling as sampling
-    from dlm.instruct import encode_chat, ensure_chat_template
-    from dlm.modeling import load_model
+    import dlm_factory.dlm.sampling.generate as sampling
+    from dlm_factory.dlm.checkpoint.io import load_model
+    from dlm_factory.dlm.data.chat import encode_chat, ensure_chat_template
 
     seen = []
     monkeypatch.setattr(sampling, "sample", lambda den, prompts, cfg, on_step=None: seen.append(prompts) or [[]])

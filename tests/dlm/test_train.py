@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from dlm.bootstrap import ar_objective, build_model, train_tokenizer
-from dlm.data import Blocks, stdlib_documents, tokenize_blocks
-from dlm.errors import FactoryError
-from dlm.train import TrainConfig, latest_checkpoint, lr_at, train
+from dlm_factory.dlm.data.corpus import Blocks, stdlib_documents, tokenize_blocks
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.stages.bootstrap import ar_objective, build_model, train_tokenizer
+from dlm_factory.dlm.train.checkpoints import latest_checkpoint
+from dlm_factory.dlm.train.config import TrainConfig, lr_at
+from dlm_factory.dlm.train.loop import train
 from tests.conftest import tiny_bootstrap_config
 
 

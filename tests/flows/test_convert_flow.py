@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from dlm.evaluate import EvalConfig
-from dlm.modeling import DiffusionSpec
-from dlm.train import TrainConfig
+from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
+from dlm_factory.dlm.evaluation.corpus import EvalConfig
+from dlm_factory.dlm.train.config import TrainConfig
 from tests.conftest import tiny_convert_config
 from tests.dlm.helpers import leftovers
 
@@ -14,7 +14,7 @@ from tests.dlm.helpers import leftovers
 def test_convert_flow_converts_evaluates_and_reuses(prefect_harness, tiny_ar, tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client
 
-    from flows.convert import convert_flow
+    from dlm_factory.flows.convert import convert_flow
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path))
     cfg = tiny_convert_config(train=TrainConfig(steps=4, batch_size=4, warmup_steps=1), seq_len=32, max_chars=50_000)

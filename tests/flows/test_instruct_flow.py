@@ -11,9 +11,10 @@ import pytest
 def test_instruct_flow(tiny_ar, tiny_dlm, tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
-    from dlm.instruct import InstructConfig, InstructEvalConfig
-    from dlm.train import TrainConfig
-    from flows.instruct import instruct_flow
+    from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig
+    from dlm_factory.dlm.stages.instruct import InstructConfig
+    from dlm_factory.dlm.train.config import TrainConfig
+    from dlm_factory.flows.instruct import instruct_flow
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
     data = tmp_path / "train.jsonl"

@@ -9,8 +9,8 @@ from tests.catalog.helpers import make_model
 def test_publish_flow_records_flow_run_id(prefect_harness, tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client
 
-    from catalog import Catalog
-    from flows.publish import publish_flow
+    from dlm_factory.catalog import Catalog
+    from dlm_factory.flows.publish import publish_flow
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FACTORY_GIT_SHA", "a" * 40)
@@ -43,7 +43,7 @@ def test_publish_flow_records_flow_run_id(prefect_harness, tmp_path, monkeypatch
 
 
 def test_publish_flow_refuses_bad_name_without_retrying(prefect_harness, tmp_path, monkeypatch):
-    from flows.publish import publish_flow
+    from dlm_factory.flows.publish import publish_flow
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
     state = publish_flow(str(make_model(tmp_path / "m")), "Bad/Name", root=f"file://{tmp_path / 's'}",

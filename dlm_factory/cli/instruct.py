@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _instruct(args) -> int:
-    from dlm.cli_core import validated, with_values
-    from dlm.instruct import InstructConfig, instruct
+    from dlm_factory.cli.core import validated, with_values
+    from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
 
     base = InstructConfig()
 
@@ -72,9 +72,9 @@ def _instruct(args) -> int:
 
 
 def _instruct_eval(args) -> int:
-    from dlm.cli_core import validated, with_values
-    from dlm.instruct import InstructEvalConfig, evaluate_instruct
-    from dlm.sampling import SamplerConfig
+    from dlm_factory.cli.core import validated, with_values
+    from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct
+    from dlm_factory.dlm.sampling.sampler import SamplerConfig
 
     cfg = validated(lambda: with_values(InstructEvalConfig(), data=args.data, judge=args.judge, max_examples=args.examples,
                                   gen_examples=args.gen_examples, mc_samples=args.mc_samples,

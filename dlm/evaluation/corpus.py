@@ -7,9 +7,10 @@ import os
 import torch
 from pydantic import BaseModel, Field
 
-from dlm.data import read_documents, tokenize_blocks
-from dlm.diffusion import ModelDenoiser, ar_nll, elbo
-from dlm.modeling import Loaded, load_model
+from dlm_factory.dlm.checkpoint.io import Loaded, load_model
+from dlm_factory.dlm.data.corpus import read_documents, tokenize_blocks
+from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.evaluation.likelihood import ar_nll, elbo
 
 
 class EvalConfig(BaseModel):

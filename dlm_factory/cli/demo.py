@@ -8,10 +8,10 @@ import os
 
 def prefect_env() -> None:
     """Keep Prefect's state under $FACTORY_HOME/prefect and route dlm's logs into flow runs."""
-    from dlm.paths import factory_home
+    from dlm_factory.home import factory_home
 
     os.environ.setdefault("PREFECT_HOME", str(factory_home() / "prefect"))
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dlm")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dlm_factory")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond the object store
 
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _demo(args) -> int:
     prefect_env()
-    from flows.demo import demo_flow
+    from dlm_factory.flows.demo import demo_flow
 
     demo_flow()
     return 0

@@ -31,11 +31,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlm.data import Document, heldout, stdlib_documents
-from dlm.errors import FactoryError
-from dlm.paths import materialize
+from dlm_factory.dlm.data.corpus import Document, heldout, stdlib_documents
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.paths import materialize
 
-log = logging.getLogger("dlm.instruct_data")
+log = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant"}
 

@@ -12,8 +12,8 @@ import re
 
 import torch
 
-from dlm.errors import FactoryError
-from dlm.modeling import Loaded
+from dlm_factory.dlm.checkpoint.io import Loaded
+from dlm_factory.dlm.errors import FactoryError
 
 _UNUSED = re.compile(r"reserved|unused", re.IGNORECASE)
 

@@ -34,7 +34,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from dlm.errors import FactoryError
+from dlm_factory.dlm.data.batching import left_pad
+from dlm_factory.dlm.errors import FactoryError
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,6 @@ class Step:
     response: torch.Tensor
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
 def _token_ids(denoiser, *names: str) -> list[int]:
     tok = getattr(denoiser, "tokenizer", None)
     found = []
@@ -98,7 +96,7 @@ def _token_ids(denoiser, *names: str) -> list[int]:
 def _max_positions(denoiser) -> int | None:
     value = getattr(denoiser, "max_positions", None)
     if value is None and getattr(denoiser, "model", None) is not None:
-        from dlm.modeling import max_positions
+        from dlm_factory.dlm.checkpoint.io import max_positions
 
         value = max_positions(denoiser.model.config)
     return value
@@ -125,18 +123,6 @@ def commits_per_step(n: int, steps: int) -> list[int]:
     """LLaDA: n tokens over ``steps`` steps, as even as possible (earlier steps take the remainder)."""
     base, rem = divmod(n, steps)
     return [base + (i < rem) for i in range(steps)]
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt batch (ids [B, P], attention mask [B, P])."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        if p:
-            ids[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            am[b, P - len(p) :] = 1
-    return ids, am
 
 
 def choose(log_probs: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None):
@@ -207,9 +193,6 @@ class _Predictor:
         else:
             lp = self.denoiser.block_log_probs(self.state, inputs, self.am)
         return self._finish(lp)
-
-
-# ----------------------------------------------------------------------------- sampling
 
 
 @torch.no_grad()
@@ -302,31 +285,3 @@ def _device(denoiser) -> torch.device:
     if model is not None:
         return next(model.parameters()).device
     return torch.device(getattr(denoiser, "device", "cpu"))
-
-
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt (the tokenizer's own special-token convention)."""
-    return [list(tokenizer(p)["input_ids"]) for p in prompts]
-
-
-def generate(loaded, prompts: list[str], cfg: SamplerConfig, *,
-             on_step: Callable[[Step], None] | None = None, chat: bool | None = None) -> list[str]:
-    """Tokenize ``prompts``, sample with ``ModelDenoiser(loaded)`` and decode the responses.
-
-    ``chat``: format each prompt as a user turn with the chat template, exactly as
-    instruction tuning did; None (default) does so when the model was instruction-tuned.
-    """
-    from dlm.diffusion import ModelDenoiser
-
-    denoiser = ModelDenoiser(loaded)  # refuses an AR checkpoint with a clear error
-    if chat is None:
-        chat = any(stage.get("stage") == "instruct" for stage in loaded.spec.stages)
-    if chat:
-        from dlm.instruct import encode_chat, ensure_chat_template
-
-        ensure_chat_template(loaded.tokenizer)
-        prompt_ids = encode_chat(loaded.tokenizer, [[{"role": "user", "content": p}] for p in prompts])
-    else:
-        prompt_ids = encode_prompts(loaded.tokenizer, prompts)
-    ids = sample(denoiser, prompt_ids, cfg, on_step=on_step)
-    return [loaded.tokenizer.decode(r, skip_special_tokens=True) for r in ids]

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from dlm.data import Blocks, read_documents, tokenize_blocks
-from dlm.diffusion import ar_loss
-from dlm.modeling import Loaded, save_model
-from dlm.train import TrainConfig, TrainResult, train
+from dlm_factory.dlm.checkpoint.io import Loaded, save_model
+from dlm_factory.dlm.data.corpus import Blocks, read_documents, tokenize_blocks
+from dlm_factory.dlm.diffusion.objective import ar_loss
+from dlm_factory.dlm.train.config import TrainConfig, TrainResult
+from dlm_factory.dlm.train.loop import train
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 # Unused special tokens reserved in the vocabulary, as many real tokenizers have;

@@ -16,20 +16,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from dlm.data import Blocks, read_documents, tokenize_blocks
-from dlm.diffusion import diffusion_loss
-from dlm.errors import FactoryError
-from dlm.modeling import (
-    DiffusionSpec,
-    Loaded,
-    load_model,
-    save_model,
-    set_bidirectional,
-    tokenizer_digest,
-)
-from dlm.paths import dir_digest
-from dlm.train import TrainConfig, TrainResult, train
-from dlm.vocab import grow_embeddings, unused_special_tokens
+from dlm_factory.digest import dir_digest, tokenizer_digest
+from dlm_factory.dlm.checkpoint.io import Loaded, load_model, save_model, set_bidirectional
+from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
+from dlm_factory.dlm.checkpoint.vocab import grow_embeddings, unused_special_tokens
+from dlm_factory.dlm.data.corpus import Blocks, read_documents, tokenize_blocks
+from dlm_factory.dlm.diffusion.objective import diffusion_loss
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.train.config import TrainConfig, TrainResult
+from dlm_factory.dlm.train.loop import train
 
 
 class ConvertConfig(BaseModel):

@@ -54,7 +54,7 @@ def validated(make):
     """Build a config with ``make()``; a pydantic ValidationError becomes one FactoryError line."""
     from pydantic import ValidationError
 
-    from dlm.errors import FactoryError
+    from dlm_factory.dlm.errors import FactoryError
 
     try:
         return make()
@@ -64,7 +64,7 @@ def validated(make):
 
 
 def _bootstrap(args) -> int:
-    from dlm.bootstrap import BootstrapConfig, bootstrap
+    from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap
 
     cfg = BootstrapConfig()
     cfg = validated(lambda: with_values(cfg, train=with_values(cfg.train, steps=args.steps).model_dump()))
@@ -74,7 +74,7 @@ def _bootstrap(args) -> int:
 
 
 def _convert(args) -> int:
-    from dlm.convert import ConvertConfig, convert
+    from dlm_factory.dlm.stages.convert import ConvertConfig, convert
 
     base = ConvertConfig()
 
@@ -92,7 +92,7 @@ def _convert(args) -> int:
 
 
 def _eval(args) -> int:
-    from dlm.evaluate import EvalConfig, evaluate
+    from dlm_factory.dlm.evaluation.corpus import EvalConfig, evaluate
 
     cfg = validated(lambda: with_values(EvalConfig(), data=args.data, mc_samples=args.mc_samples,
                                   max_blocks=args.max_blocks, seq_len=args.seq_len, seed=args.seed))

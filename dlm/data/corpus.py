@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dlm.errors import FactoryError
-from dlm.paths import materialize
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.paths import materialize
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
 # Parts of the stdlib that are not representative library code (or not ours to train on).

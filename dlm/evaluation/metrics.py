@@ -28,7 +28,7 @@ def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], b
     import torch
     import torch.nn.functional as F
 
-    from dlm.errors import FactoryError
+    from dlm_factory.dlm.errors import FactoryError
 
     if getattr(judge, "spec", None) is not None:
         raise FactoryError("judge_nll needs an autoregressive checkpoint (this one has diffusion.json)")

@@ -3,52 +3,28 @@
 A checkpoint is a normal Hugging Face dir (config.json, *.safetensors, tokenizer
 files). A diffusion LM additionally carries ``diffusion.json`` (a DiffusionSpec)
 and ``config.is_causal = False``. Safetensors only; ``trust_remote_code`` is off.
+Models are placed on the device of ``dlm.runtime`` when loaded.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
 
 # Imported eagerly: transformers resolves these lazily, and two threads resolving them
 # at once (concurrent Prefect tasks) can fail with "cannot import name 'AutoConfig'".
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dlm.errors import FactoryError
-from dlm.paths import atomic_dir, materialize
-
-SPEC_FILE = "diffusion.json"
-
-
-class DiffusionSpec(BaseModel):
-    """What turns a checkpoint into a masked-diffusion LM (stored as ``diffusion.json``)."""
-
-    schema_version: int = Field(1, description="format version of this file")
-    objective: Literal["masked_diffusion"] = Field("masked_diffusion", description="training objective (MDLM/LLaDA absorbing-state diffusion)")
-    mask_token_id: int = Field(description="id of the [MASK] (absorbing) token")
-    mask_token: str = Field(description="text of the mask token")
-    shift: bool = Field(True, description="logits at position i predict token i+1 (DiffuLLaMA); first token never masked")
-    eps: float = Field(1e-3, description="lower bound of the masking rate t ~ U(eps, 1)")
-    tokenizer_digest: str = Field(description="sha256 of the tokenizer; ensemble members must match")
-    source: str = Field("", description="where the AR checkpoint came from")
-    source_digest: str = Field("", description="sha256 over the source's safetensors files")
-    pad_token_ids: list[int] = Field(default_factory=list, description="rainbow padding tokens (set by instruction tuning): like EOS, each ends a response")
-    stages: list[dict[str, Any]] = Field(default_factory=list, description="config and result of each training stage, oldest first")
-
-    @classmethod
-    def read(cls, model_dir: Path) -> DiffusionSpec:
-        return cls.model_validate_json((Path(model_dir) / SPEC_FILE).read_text())
-
-    def write(self, model_dir: Path) -> None:
-        (Path(model_dir) / SPEC_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+from dlm_factory.digest import tokenizer_digest
+from dlm_factory.dlm.checkpoint.spec import SPEC_FILE, DiffusionSpec
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.paths import atomic_dir, materialize
 
 
 @dataclass
@@ -75,13 +51,6 @@ def max_positions(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """Digest of everything that maps text to ids (fast tokenizers: the full JSON)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
 
 def check_causal_lm(config, where: str) -> None:
@@ -156,20 +125,3 @@ def save_model(loaded: Loaded, dest: str | os.PathLike, *, overwrite: bool = Fal
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     return Path(dest).resolve()
-
-
-def output_head(model):
-    """(base model returning final hidden states, output projection), or None for exotic heads.
-
-    Computing the head only at masked positions saves most of the vocabulary
-    projection during diffusion training. Models that post-process logits
-    (soft-capping, scaling) fall back to the full forward.
-    """
-    cfg = model.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
-    head = model.get_output_embeddings()
-    base = getattr(model, "base_model", None)
-    if head is None or base is None or base is model:
-        return None
-    return base, head

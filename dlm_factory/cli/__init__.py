@@ -14,15 +14,15 @@ import logging
 import os
 import sys
 
-from catalog.errors import CatalogError
-from dlm.errors import FactoryError
+from dlm_factory.catalog.errors import CatalogError
+from dlm_factory.dlm.errors import FactoryError
 
 COMMAND_MODULES = [
-    "dlm.cli_core",  # bootstrap, convert, eval
-    "dlm.cli_generate",  # generate
-    "dlm.cli_instruct",  # instruct
-    "catalog.cli",  # catalog publish/pull/list/show/verify/gc
-    "flows.cli",  # demo (Prefect flows)
+    "dlm_factory.cli.core",  # bootstrap, convert, eval
+    "dlm_factory.cli.generate",  # generate
+    "dlm_factory.cli.instruct",  # instruct, instruct-eval
+    "dlm_factory.catalog.cli",  # catalog publish/pull/list/show/verify/gc
+    "dlm_factory.cli.demo",  # demo (Prefect flows)
 ]
 
 

@@ -36,8 +36,8 @@ def sampler_config(args):
     """SamplerConfig from the parsed flags; invalid values become one FactoryError line."""
     from pydantic import ValidationError
 
-    from dlm.errors import FactoryError
-    from dlm.sampling import SamplerConfig
+    from dlm_factory.dlm.errors import FactoryError
+    from dlm_factory.dlm.sampling.sampler import SamplerConfig
 
     values = dict(sampler=args.sampler, length=args.length, steps=args.steps, threshold=args.threshold,
                   block_size=args.block_size, cache=args.cache, cfg_weight=args.cfg, temperature=args.temperature,
@@ -58,9 +58,10 @@ def _generate(args) -> int:
 
     import time
 
-    from dlm.errors import FactoryError
-    from dlm.modeling import SPEC_FILE, load_model
-    from dlm.sampling import generate
+    from dlm_factory.dlm.checkpoint.io import load_model
+    from dlm_factory.dlm.checkpoint.spec import SPEC_FILE
+    from dlm_factory.dlm.errors import FactoryError
+    from dlm_factory.dlm.sampling.generate import generate
 
     loaded = load_model(args.model)
     if loaded.spec is None:

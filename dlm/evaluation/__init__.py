@@ -1,0 +1,1 @@
+"""Evaluation: likelihood estimates (ELBO, exact NLL), corpus and instruction evaluations, quality metrics."""

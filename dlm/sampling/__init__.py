@@ -1,0 +1,1 @@
+"""Sampling: diffusion samplers over any Denoiser, and text-level generation."""

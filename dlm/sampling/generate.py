@@ -1,0 +1,65 @@
+"""Text in, text out: prompts are encoded (chat template for tuned models), sampled and decoded.
+
+``generate`` drives a diffusion checkpoint through ``dlm.sampling.sampler.sample``;
+``ar_generate`` is the AR baseline (HF ``generate`` with its KV cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dlm_factory.dlm.checkpoint.io import Loaded
+from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.sampling.sampler import SamplerConfig, Step, sample
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt (the tokenizer's own special-token convention)."""
+    return [list(tokenizer(p)["input_ids"]) for p in prompts]
+
+
+def generate(loaded, prompts: list[str], cfg: SamplerConfig, *,
+             on_step: Callable[[Step], None] | None = None, chat: bool | None = None) -> list[str]:
+    """Tokenize ``prompts``, sample with ``ModelDenoiser(loaded)`` and decode the responses.
+
+    ``chat``: format each prompt as a user turn with the chat template, exactly as
+    instruction tuning did; None (default) does so when the model was instruction-tuned.
+    """
+
+    denoiser = ModelDenoiser(loaded)  # refuses an AR checkpoint with a clear error
+    if chat is None:
+        chat = any(stage.get("stage") == "instruct" for stage in loaded.spec.stages)
+    if chat:
+        from dlm_factory.dlm.data.chat import encode_chat, ensure_chat_template
+
+        ensure_chat_template(loaded.tokenizer)
+        prompt_ids = encode_chat(loaded.tokenizer, [[{"role": "user", "content": p}] for p in prompts])
+    else:
+        prompt_ids = encode_prompts(loaded.tokenizer, prompts)
+    ids = sample(denoiser, prompt_ids, cfg, on_step=on_step)
+    return [loaded.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+
+
+@torch.no_grad()
+def ar_generate(loaded: Loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    """Greedy decoding with HF ``generate`` (KV cache), left-padded batches; cut at the first EOS."""
+    tok, model = loaded.tokenizer, loaded.model
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    out: list[list[int]] = []
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo : lo + batch_size]
+        P = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), P), pad, dtype=torch.long)
+        am = torch.zeros_like(ids)
+        for b, p in enumerate(chunk):
+            ids[b, P - len(p) :] = torch.tensor(p)
+            am[b, P - len(p) :] = 1
+        gen = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=pad, use_cache=True)
+        for row in gen[:, P:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in (eos, pad)), len(row))
+            out.append(row[:cut])
+    return out
