@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def _moto(mode: str) -> tuple[str, object]:
     """Start a moto S3 server on 127.0.0.1 (in a thread here, or in a child process)."""

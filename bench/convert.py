@@ -23,18 +23,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dlm_factory.digest import tokenizer_digest  # noqa: E402
+from dlm_factory.digest import tokenizer_digest
 from dlm_factory.dlm.checkpoint.io import load_model, save_model
 from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
-from dlm_factory.dlm.data.corpus import Blocks, read_documents, tokenize_blocks  # noqa: E402
+from dlm_factory.dlm.data.corpus import Blocks, read_documents, tokenize_blocks
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
-from dlm_factory.dlm.diffusion.objective import diffusion_loss  # noqa: E402
+from dlm_factory.dlm.diffusion.objective import diffusion_loss
 from dlm_factory.dlm.evaluation.likelihood import ar_nll, elbo
-from dlm_factory.dlm.stages.bootstrap import ar_objective  # noqa: E402
-from dlm_factory.dlm.stages.convert import ConvertConfig, convert, ensure_mask_token  # noqa: E402
-from dlm_factory.dlm.train.config import TrainConfig  # noqa: E402
+from dlm_factory.dlm.stages.bootstrap import ar_objective
+from dlm_factory.dlm.stages.convert import ConvertConfig, convert, ensure_mask_token
+from dlm_factory.dlm.train.config import TrainConfig
 
 
 def parse() -> argparse.Namespace:

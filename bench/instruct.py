@@ -28,13 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dlm_factory.dlm.checkpoint.io import load_model  # noqa: E402
-from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct, summary  # noqa: E402
-from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
-from dlm_factory.dlm.train.config import TrainConfig  # noqa: E402
-from dlm_factory.home import factory_home  # noqa: E402
+from dlm_factory.dlm.checkpoint.io import load_model
+from dlm_factory.dlm.checkpoint.record import is_done, read_record
+from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct, summary
+from dlm_factory.dlm.stages.instruct import InstructConfig, instruct, instruct_key
+from dlm_factory.dlm.train.config import TrainConfig
+from dlm_factory.home import factory_home
 
 
 def parse() -> argparse.Namespace:
@@ -62,18 +61,16 @@ def tune(name: str, src: str, cfg: InstructConfig, work: Path) -> tuple[str, dic
     """Tune ``src`` into ``work/name``; a re-run reuses a finished model and resumes an interrupted one."""
     out = work / name
     start = time.perf_counter()
-    if not (out / "instruct.json").is_file():
-        result = instruct(src, out, cfg, checkpoint_dir=work / f".ckpt-{name}", progress=False)
-        info = {"seconds": round(result.train.seconds, 1), "tokens_per_s": round(result.tokens_per_s, 1),
-                "final_loss": round(result.final_loss, 4), "padding": result.data["padding"],
-                "padding_unbucketed": result.data["padding_unbucketed"], "rows": result.data["rows"]}
+    key = instruct_key(src, cfg)
+    if not is_done(out, key):
+        instruct(src, out, cfg, checkpoint_dir=work / f".ckpt-{name}", progress=False, overwrite=out.exists())
+        info = {}
     else:
-        report = json.loads((out / "instruct.json").read_text())
-        if report["config"] != cfg.model_dump():
-            raise SystemExit(f"{out} was tuned with another config; remove it or pass another --work")
-        info = {"reused": True, "final_loss": round(report["final_loss"], 4),
-                "tokens_per_s": round(report["tokens_per_s"], 1), "padding": report["data"]["padding"],
-                "padding_unbucketed": report["data"]["padding_unbucketed"], "rows": report["data"]["rows"]}
+        info = {"reused": True}
+    result = read_record(out).result
+    info.update({"seconds": result["seconds"], "tokens_per_s": result["tokens_per_s"],
+                 "final_loss": round(result["final_loss"], 4), "padding": result["data"]["padding"],
+                 "padding_unbucketed": result["data"]["padding_unbucketed"], "rows": result["data"]["rows"]})
     print(f"tuned {name}: {info} ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
     return str(out), info
 

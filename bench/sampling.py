@@ -31,17 +31,15 @@ import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from dlm_factory.dlm.checkpoint.io import load_model  # noqa: E402
-from dlm_factory.dlm.data.batching import left_pad  # noqa: E402
-from dlm_factory.dlm.data.corpus import stdlib_documents  # noqa: E402
-from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser  # noqa: E402
-from dlm_factory.dlm.evaluation.metrics import judge_nll, parse_rate, repetition  # noqa: E402
+from dlm_factory.dlm.checkpoint.io import load_model
+from dlm_factory.dlm.data.batching import left_pad
+from dlm_factory.dlm.data.corpus import stdlib_documents
+from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.evaluation.metrics import judge_nll, parse_rate, repetition
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
-from dlm_factory.home import factory_home  # noqa: E402
+from dlm_factory.home import factory_home
 
 
 def heldout_prompts(n: int, lines: int = 3) -> list[str]:

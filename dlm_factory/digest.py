@@ -23,9 +23,15 @@ def sha256_file(path: str | Path, on_bytes: Callable[[int], None] | None = None)
 
 
 def dir_digest(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors",)) -> str:
-    """``sha256:`` over (relative name, file sha256) of the files under ``path`` matching ``patterns``."""
+    """``sha256:`` over (relative name, file sha256) of the files under ``path`` matching ``patterns``.
+
+    A single file counts as a directory holding just that file (its name, its bytes).
+    """
     path = Path(path)
-    files = sorted({p for pat in patterns for p in path.rglob(pat) if p.is_file()})
+    if path.is_file():
+        path, files = path.parent, [path]
+    else:
+        files = sorted({p for pat in patterns for p in path.rglob(pat) if p.is_file()})
     h = hashlib.sha256()
     for p in files:
         h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)[1]}\n".encode())

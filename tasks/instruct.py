@@ -1,31 +1,31 @@
 """Prefect tasks over dlm.instruct: instruction tuning and the held-out instruction evaluation.
 
 Orchestration only: the tuning task checkpoints under ``$FACTORY_HOME/cache/checkpoints/``
-(a retried or re-run task resumes) and is skipped when ``output`` already holds a model
-tuned from the same base with the same config; the evaluation task publishes its
+(a retried or re-run task resumes) and is skipped when ``output`` is already done (``is_done``:
+same base and data by digest, same config); the evaluation task publishes its
 figures as a table artifact.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
-from dlm_factory.dlm.checkpoint.record import instruct_report
 from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct, summary
-from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
-from dlm_factory.tasks.models import checkpoint_dir, replacing, report_artifact
+from dlm_factory.dlm.stages.instruct import InstructConfig, instruct, instruct_key
+from dlm_factory.tasks.models import checkpoint_dir, report_artifact, reuse
 
 
 @task(name="instruct", retries=1, task_run_name="instruct {model} -> {output}")
 def instruct_task(model: str, output: str, config: InstructConfig | None = None) -> str:
     """Instruction-tune ``model`` into ``output`` (reused when already tuned from it with this config)."""
     cfg = config or InstructConfig()
-    done = instruct_report(output)
-    if done and done.get("config") == cfg.model_dump() and done.get("base_model") == model:
-        get_run_logger().info("reusing instruction-tuned model at %s", output)
+    key = instruct_key(model, cfg)
+    if reuse(output, key):
         return output
-    ckpt = checkpoint_dir("instruct", {"base": model, **cfg.model_dump()})
-    result = instruct(model, output, cfg, checkpoint_dir=ckpt, progress=False, overwrite=replacing(output))
+    result = instruct(model, output, cfg, checkpoint_dir=checkpoint_dir(key), progress=False,
+                      overwrite=Path(output).exists())
     data = result.data
     get_run_logger().info("instruct (%s, template %s): %d rows, %d malformed lines, %d empty responses, "
                           "padding %.1f%%; final loss %.3f, %.0f tokens/s", cfg.objective, result.template,

@@ -1,75 +1,66 @@
 """Prefect tasks over dlm/: bootstrap, convert, evaluate.
 
-Thin wrappers: orchestration only (retries, idempotent re-runs, artifacts). Long
-training tasks checkpoint under ``$FACTORY_HOME/cache/checkpoints/`` so a retried
-or re-run task resumes instead of starting over.
+Thin wrappers: orchestration only (retries, idempotent re-runs, artifacts). "Already
+done?" is the core's one ``is_done(output, key)`` (inputs by digest, config). Long
+training tasks checkpoint under ``$FACTORY_HOME/cache/checkpoints/`` so a retried or
+re-run task resumes instead of starting over.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
+from dlm_factory.digest import json_digest
+from dlm_factory.dlm.checkpoint.record import StageKey, is_done
 from dlm_factory.dlm.evaluation.corpus import EvalConfig, evaluate
-from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap, is_bootstrapped
-from dlm_factory.dlm.stages.convert import ConvertConfig, convert
+from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap, bootstrap_key
+from dlm_factory.dlm.stages.convert import ConvertConfig, convert, convert_key
 from dlm_factory.home import factory_home
 
 
-def checkpoint_dir(stage: str, config: dict) -> Path:
-    """Per-stage, per-config checkpoint dir: a retried or re-run task resumes where it stopped."""
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    return factory_home() / "cache" / "checkpoints" / f"{stage}-{key}"
+def checkpoint_dir(key: StageKey) -> Path:
+    """Per-stage, per-input, per-config checkpoint dir: a retried or re-run task resumes where it stopped."""
+    return factory_home() / "cache" / "checkpoints" / f"{key.stage}-{json_digest(key.model_dump())[7:19]}"
+
+
+def reuse(output: str, key: StageKey) -> bool:
+    """True (and logged) when ``output`` is already done; else False, logging when a stale model is replaced."""
+    if is_done(output, key):
+        get_run_logger().info("reusing %s at %s (same inputs and config)", key.stage, output)
+        return True
+    if Path(output).exists():
+        get_run_logger().warning("%s holds a model made from other inputs or config: replacing it "
+                                 "(the old one stays until the new one is complete)", output)
+    return False
 
 
 @task(name="bootstrap", retries=1, task_run_name="bootstrap -> {output}")
 def bootstrap_task(output: str, config: BootstrapConfig | None = None) -> str:
-    """Train the stdlib base model unless ``output`` already holds one made with the same config."""
+    """Train the stdlib base model unless ``output`` already holds one made from the same corpus and config."""
     cfg = config or BootstrapConfig()
-    if is_bootstrapped(Path(output), cfg):
-        get_run_logger().info("reusing bootstrap model at %s", output)
+    key = bootstrap_key(cfg)
+    if reuse(output, key):
         return output
-    result = bootstrap(cfg, output, checkpoint_dir=checkpoint_dir("bootstrap", cfg.model_dump()), progress=False,
-                       overwrite=replacing(output))
+    result = bootstrap(cfg, output, checkpoint_dir=checkpoint_dir(key), progress=False,
+                       overwrite=Path(output).exists())
     get_run_logger().info("bootstrap: final loss %.3f, %.0f tokens/s", result.final_loss, result.tokens_per_s)
     return output
 
 
 @task(name="convert", retries=1, task_run_name="convert {base_model} -> {output}")
 def convert_task(base_model: str, output: str, config: ConvertConfig | None = None) -> str:
-    """Convert ``base_model`` into a DLM at ``output`` (reused when already converted with this config)."""
+    """Convert ``base_model`` into a DLM at ``output`` (reused when already converted from it with this config)."""
     cfg = config or ConvertConfig()
-    if (Path(output) / "diffusion.json").is_file():
-        spec = DiffusionSpec.read(Path(output))
-        same_source = _same_source(spec.source, base_model)
-        if spec.stages and spec.stages[0].get("config") == cfg.model_dump() and same_source:
-            get_run_logger().info("reusing converted model at %s", output)
-            return output
-    ckpt = checkpoint_dir("convert", {"base": base_model, **cfg.model_dump()})
-    result = convert(base_model, output, cfg, checkpoint_dir=ckpt, progress=False, overwrite=replacing(output))
+    key = convert_key(base_model, cfg)
+    if reuse(output, key):
+        return output
+    result = convert(base_model, output, cfg, checkpoint_dir=checkpoint_dir(key), progress=False,
+                     overwrite=Path(output).exists())
     get_run_logger().info("convert: final loss %.3f, %.0f tokens/s", result.final_loss, result.tokens_per_s)
     return output
-
-
-def replacing(output: str) -> bool:
-    """True (and logged) when a flow-owned ``output`` holds a model made otherwise: it is swapped out atomically."""
-    if not Path(output).exists():
-        return False
-    get_run_logger().warning("%s holds a model made from another base or config: replacing it "
-                             "(the old one stays until the new one is complete)", output)
-    return True
-
-
-def _same_source(recorded: str, requested: str) -> bool:
-    """Whether a converted model came from ``requested`` (local paths compared resolved)."""
-    if "://" in recorded or "://" in requested:
-        return recorded == requested
-    return Path(recorded).resolve() == Path(requested).resolve()
 
 
 @task(name="evaluate", task_run_name="evaluate {model}")

@@ -8,7 +8,6 @@ Models are placed on the device of ``dlm.runtime`` when loaded.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dlm_factory.digest import tokenizer_digest
+from dlm_factory.dlm import runtime
+from dlm_factory.dlm.checkpoint.record import RECORD_FILE, StageRecord
 from dlm_factory.dlm.checkpoint.spec import SPEC_FILE, DiffusionSpec
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import atomic_dir, materialize
@@ -67,11 +68,13 @@ def check_causal_lm(config, where: str) -> None:
         raise FactoryError(f"{where}: model_type '{model_type}' is not a decoder-only causal LM (encoder-only or unsupported)")
 
 
-def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load a checkpoint from a dir, ``file://``/``s3://`` URL or hub id.
+def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Loaded:
+    """Load a checkpoint from a dir, ``file://``/``s3://`` URL or hub id, onto ``device``
+    (default: the runtime's). Weights stay ``dtype`` (fp32): the precision policy is autocast.
 
     Diffusion checkpoints (with ``diffusion.json``) get their attention modules
-    marked non-causal; callers still pass explicit masks (see dlm.diffusion).
+    marked non-causal; callers still pass explicit masks (see dlm.diffusion.forward).
     """
     path = materialize(src)
     where = os.fspath(src)
@@ -95,7 +98,7 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa"
         )
-    model.eval()
+    model.to(device if device is not None else runtime.current().device).eval()
     spec = DiffusionSpec.read(path) if (path / SPEC_FILE).is_file() else None
     if spec is not None:
         if spec.tokenizer_digest != tokenizer_digest(tokenizer):
@@ -112,16 +115,20 @@ def set_bidirectional(model) -> None:
             module.is_causal = False
 
 
-def save_model(loaded: Loaded, dest: str | os.PathLike, *, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
-    """Write model + tokenizer (+ diffusion.json) as safetensors, via temp dir then rename.
+def save_model(loaded: Loaded, dest: str | os.PathLike, *, overwrite: bool = False,
+               record: StageRecord | None = None) -> Path:
+    """Write model + tokenizer (+ diffusion.json, + the stage record) as safetensors, via temp dir then rename.
 
-    ``extra`` maps file names to JSON-able objects written beside the weights.
+    Only rank 0 writes; every rank returns once the output is complete (a barrier).
     """
-    with atomic_dir(dest, overwrite=overwrite) as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-        if loaded.spec is not None:
-            loaded.spec.write(tmp)
-        for name, obj in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    rt = runtime.current()
+    if rt.master:
+        with atomic_dir(dest, overwrite=overwrite) as tmp:
+            loaded.model.save_pretrained(tmp, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp)
+            if loaded.spec is not None:
+                loaded.spec.write(tmp)
+            if record is not None:
+                (tmp / RECORD_FILE).write_text(record.model_dump_json(indent=2) + "\n")
+    rt.barrier()
     return Path(dest).resolve()

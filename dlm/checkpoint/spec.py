@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-# Imported eagerly: transformers resolves these lazily, and two threads resolving them
-# at once (concurrent Prefect tasks) can fail with "cannot import name 'AutoConfig'".
+from dlm_factory.dlm.checkpoint.record import StageRecord
 
 SPEC_FILE = "diffusion.json"
 
@@ -26,7 +25,18 @@ class DiffusionSpec(BaseModel):
     source: str = Field("", description="where the AR checkpoint came from")
     source_digest: str = Field("", description="sha256 over the source's safetensors files")
     pad_token_ids: list[int] = Field(default_factory=list, description="rainbow padding tokens (set by instruction tuning): like EOS, each ends a response")
-    stages: list[dict[str, Any]] = Field(default_factory=list, description="config and result of each training stage, oldest first")
+    stages: list[StageRecord] = Field(default_factory=list, description="the record of each stage that trained this model, oldest first")
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _legacy_stages(cls, value: Any) -> Any:
+        """Specs written before the typed record kept untyped dicts: read them as legacy records."""
+        if not isinstance(value, list):
+            return value
+        return [StageRecord.legacy(v) if isinstance(v, dict) and "inputs" not in v else v for v in value]
+
+    def stage_names(self) -> list[str]:
+        return [s.stage for s in self.stages]
 
     @classmethod
     def read(cls, model_dir: Path) -> DiffusionSpec:

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from dlm_factory.digest import dir_digest
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import materialize
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
+DATA_PATTERNS = tuple(sorted(f"*{s}" for s in TEXT_SUFFIXES | {".jsonl"}))  # what a data source may hold
 # Parts of the stdlib that are not representative library code (or not ours to train on).
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "lib2to3", "ensurepip",
                 "__pycache__", "idlelib", "turtledemo", "pydoc_data", "encodings"}
@@ -84,11 +86,11 @@ def stdlib_documents(split: str = "train", *, heldout_fraction: float = 0.05,
 
 def read_documents(src: str, *, heldout_fraction: float = 0.05, max_chars: int | None = None) -> list[Document]:
     """Load a corpus from ``stdlib[:split]``, a path or a URL. Raises FactoryError on empty or non-UTF-8 data."""
-    if src == "stdlib" or src.startswith("stdlib:"):
+    if is_stdlib(src):
         split = src.partition(":")[2] or "train"
         docs = stdlib_documents(split, heldout_fraction=heldout_fraction, max_chars=max_chars)
     else:
-        root = materialize(src, patterns=tuple(f"*{s}" for s in TEXT_SUFFIXES | {".jsonl"}))
+        root = materialize(src, patterns=DATA_PATTERNS)
         files = [root] if root.is_file() else sorted(
             p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | {".jsonl"})
         docs = []
@@ -98,6 +100,27 @@ def read_documents(src: str, *, heldout_fraction: float = 0.05, max_chars: int |
     if not docs or not any(d.text.strip() for d in docs):
         raise FactoryError(f"{src}: no text found (empty data)")
     return docs
+
+
+def is_stdlib(src: str) -> bool:
+    """Whether ``src`` names the embedded corpus (``stdlib`` or ``stdlib:<split>``)."""
+    return src == "stdlib" or src.startswith("stdlib:")
+
+
+def documents_digest(docs: list[Document]) -> str:
+    """``sha256:`` over (name, sha256 of text) of each document, in order."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(f"{d.name}\0{hashlib.sha256(d.text.encode()).hexdigest()}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def source_digest(src: str) -> str:
+    """A data source's content as a stage input: the whole stdlib corpus of this interpreter, or the
+    bytes of the text/JSONL files under a path or URL. Splits and caps are part of the stage's config."""
+    if is_stdlib(src):
+        return documents_digest(stdlib_documents("all"))
+    return dir_digest(materialize(src, patterns=DATA_PATTERNS), DATA_PATTERNS)
 
 
 def _read_file(path: Path, name: str) -> list[Document]:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dlm_factory.dlm.checkpoint.io import Loaded
+from dlm_factory.dlm.data.batching import collate
 from dlm_factory.dlm.data.chat import encode_chat
 from dlm_factory.dlm.data.instructions import Example, load_examples
 from dlm_factory.dlm.errors import FactoryError
@@ -92,19 +93,6 @@ def diffusion_row(row: Row, fill_to: int, eos: int, pads: list[int] | tuple[int,
 def ar_row(row: Row, eos: int) -> tuple[list[int], int]:
     """(prompt + response + one EOS, prompt length)."""
     return row.prompt + row.response + [eos], len(row.prompt)
-
-
-def collate(seqs: list[tuple[list[int], int]], pad: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask and prompt_mask (True on prompt tokens), each [B, T]."""
-    T = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    keep = torch.zeros_like(ids, dtype=torch.bool)
-    for b, (s, n_prompt) in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        am[b, : len(s)] = 1
-        keep[b, :n_prompt] = True
-    return {"input_ids": ids, "attention_mask": am, "prompt_mask": keep}
 
 
 class SFTBatches:

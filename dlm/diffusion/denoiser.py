@@ -9,6 +9,7 @@ Shapes: B batch, T sequence length, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,7 @@ from dlm_factory.dlm.diffusion.forward import (
     output_head,
     position_ids,
 )
+from dlm_factory.dlm.runtime import inference_autocast, model_device
 
 
 class Denoiser(Protocol):
@@ -37,6 +39,25 @@ class Denoiser(Protocol):
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
+def denoiser_device(denoiser) -> torch.device:
+    """Where a denoiser computes: its ``device``, else its model's, else the CPU."""
+    device = getattr(denoiser, "device", None)
+    if device is None and getattr(denoiser, "model", None) is not None:
+        device = model_device(denoiser.model)
+    return torch.device(device or "cpu")
+
+
+def _inference(method):
+    """No autograd, and the runtime's precision policy (bf16 autocast on CUDA) around a denoiser method."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.no_grad(), inference_autocast(self.device):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class ModelDenoiser:
     """A diffusion checkpoint as a Denoiser."""
 
@@ -46,8 +67,9 @@ class ModelDenoiser:
 
             raise FactoryError("this is an autoregressive checkpoint (no diffusion.json); convert it first")
         self.model, self.spec, self.tokenizer = loaded.model, loaded.spec, loaded.tokenizer
+        self.device = model_device(self.model)
 
-    @torch.no_grad()
+    @_inference
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         logits = full_logits(self.model, ids, attention_mask).float()  # [B, T, V]
         logp = logits.log_softmax(-1)
@@ -60,7 +82,7 @@ class ModelDenoiser:
     # Optional capability used by dlm.sampling when present (Fast-dLLM block-wise KV cache).
     # A denoiser without these two methods is sampled without a cache.
 
-    @torch.no_grad()
+    @_inference
     def block_cache(self, ids, attention_mask, block: tuple[int, int], *, dual: bool = True):
         """Full forward over ``ids`` [B, T]: (log-probs of the block positions [B, e-s, V], BlockCache).
 
@@ -87,7 +109,7 @@ class ModelDenoiser:
         states = out.last_hidden_state if base is not None else out.logits
         return self._window_log_probs(states, cache, offset=0), cache
 
-    @torch.no_grad()
+    @_inference
     def block_log_probs(self, cache: BlockCache, ids, attention_mask) -> torch.Tensor:
         """Log-probs [B, e-s, V] of the block positions, recomputing only the window over the cache.
 

@@ -49,9 +49,12 @@ def position_ids(attention_mask: torch.Tensor | None, shape: tuple[int, int], de
 
 
 def _compute_dtype(model) -> torch.dtype:
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
-    return next(model.parameters()).dtype
+    """The dtype activations have inside ``model``: autocast's on its device, else the weights'."""
+    param = next(model.parameters())
+    kind = param.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return param.dtype
 
 
 def hidden_states(model, ids, attention_mask=None, *, anneal_r=None, generator=None, causal=False):

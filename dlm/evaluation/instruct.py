@@ -20,10 +20,11 @@ from pydantic import BaseModel, Field
 
 from dlm_factory.digest import tokenizer_digest
 from dlm_factory.dlm.checkpoint.io import Loaded, load_model
-from dlm_factory.dlm.checkpoint.record import instruct_report, lineage_root
+from dlm_factory.dlm.checkpoint.record import lineage_root, read_record
+from dlm_factory.dlm.data.batching import collate, pad_id
 from dlm_factory.dlm.data.chat import ensure_chat_template
 from dlm_factory.dlm.data.instructions import first_line
-from dlm_factory.dlm.data.sft import Row, ar_row, collate, diffusion_row, prepare_rows
+from dlm_factory.dlm.data.sft import Row, ar_row, diffusion_row, prepare_rows
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.evaluation.likelihood import ar_nll, elbo
@@ -73,7 +74,7 @@ def conditional_likelihood(loaded: Loaded, rows: list[Row], cfg: InstructEvalCon
     """
     tok = loaded.tokenizer
     eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    pad = pad_id(tok)
     ref_tokens = sum(len(r.response) + 1 for r in rows)
     ordered = sorted(rows, key=lambda r: len(r.prompt) + len(r.response))
     chunks = [ordered[i : i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
@@ -199,7 +200,8 @@ def evaluate_instruct(model: str | os.PathLike, cfg: InstructEvalConfig,
             raise
         log.warning("no judge for %s (%s): judge NLL skipped", where, e)
         judge = None
-    tuned = judge is not None and judge.path is not None and instruct_report(judge.path) is not None
+    record = read_record(judge.path) if judge is not None and judge.path is not None else None
+    tuned = record is not None and record.stage == "instruct"
     if judge is not None and not tuned:
         log.warning("judge %s is not instruction-tuned: its NLL rewards degenerate repetition; "
                     "pass an AR SFT model as the judge (factory instruct --objective ar)", judge_src)

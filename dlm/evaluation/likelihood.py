@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dlm_factory.dlm.diffusion.denoiser import Denoiser
+from dlm_factory.dlm.diffusion.denoiser import Denoiser, denoiser_device
 from dlm_factory.dlm.diffusion.objective import ar_loss, corrupt, maskable
+from dlm_factory.dlm.runtime import inference_autocast, model_device
 
 
 @dataclass
@@ -38,7 +39,11 @@ def elbo(denoiser: Denoiser, ids, *, attention_mask=None, keep=None, n: int = 12
     spec = denoiser.spec
     keep = torch.zeros_like(ids, dtype=torch.bool) if keep is None else keep.bool().clone()
     keep[:, 0] = True
-    g = torch.Generator().manual_seed(seed)
+    device = denoiser_device(denoiser)
+    ids = ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    keep = keep.to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
     per_k = torch.zeros(n, dtype=torch.float64)
     total = 0
     for lo in range(0, ids.shape[0], batch_size):
@@ -46,7 +51,7 @@ def elbo(denoiser: Denoiser, ids, *, attention_mask=None, keep=None, n: int = 12
         am = None if attention_mask is None else attention_mask[lo : lo + batch_size]
         kp = keep[lo : lo + batch_size]
         total += int(maskable(x, spec, kp, am).sum())
-        u = torch.rand(x.shape[0], generator=g)
+        u = torch.rand(x.shape[0], generator=g, device=device)
         for k in range(n):
             t = ((k + u) / n).clamp(min=spec.eps)
             noisy, masked = corrupt(x, t, spec, kp, am, g)
@@ -65,11 +70,13 @@ def elbo(denoiser: Denoiser, ids, *, attention_mask=None, keep=None, n: int = 12
 @torch.no_grad()
 def ar_nll(model, ids, *, attention_mask=None, keep=None, batch_size: int = 32) -> Estimate:
     """Exact NLL (bits/token) of an AR model on tokens 1..T-1 (not padding, not kept)."""
+    device = model_device(model)
     total_nll, total = 0.0, 0
     for lo in range(0, ids.shape[0], batch_size):
-        am = None if attention_mask is None else attention_mask[lo : lo + batch_size]
-        kp = None if keep is None else keep[lo : lo + batch_size]
-        loss, n = ar_loss(model, ids[lo : lo + batch_size], attention_mask=am, keep=kp)
+        am = None if attention_mask is None else attention_mask[lo : lo + batch_size].to(device)
+        kp = None if keep is None else keep[lo : lo + batch_size].to(device)
+        with inference_autocast(device):
+            loss, n = ar_loss(model, ids[lo : lo + batch_size].to(device), attention_mask=am, keep=kp)
         total_nll += float(loss) * n
         total += n
     return Estimate(total_nll / max(total, 1) / math.log(2), 0.0, total, 1, "nll")

@@ -19,7 +19,7 @@ import warnings
 def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], batch_size: int = 16) -> float:
     """Mean per-token NLL in nats of ``continuations[i]`` given ``prompts[i]`` under ``judge``.
 
-    ``judge`` is a ``dlm.modeling.Loaded`` AR checkpoint (``spec`` None). Tokens are
+    ``judge`` is a ``dlm.checkpoint.io.Loaded`` AR checkpoint (``spec`` None). Tokens are
     pooled over all continuations (a long sample weighs more). Sequences are
     right-padded with an attention mask; a prompt too long for the judge's positions
     loses its oldest tokens. An empty prompt is conditioned on BOS/EOS. Empty
@@ -28,7 +28,9 @@ def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], b
     import torch
     import torch.nn.functional as F
 
+    from dlm_factory.dlm.data.batching import collate, pad_id
     from dlm_factory.dlm.errors import FactoryError
+    from dlm_factory.dlm.runtime import inference_autocast, model_device
 
     if getattr(judge, "spec", None) is not None:
         raise FactoryError("judge_nll needs an autoregressive checkpoint (this one has diffusion.json)")
@@ -36,7 +38,6 @@ def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], b
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     tok = judge.tokenizer
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     limit = judge.max_positions or 1 << 30
     pairs = []
     for p, c in zip(prompts, continuations, strict=True):
@@ -52,26 +53,17 @@ def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], b
     if not pairs:
         return float("nan")
     model = judge.model
-    device = next(model.parameters()).device
+    device = model_device(model)
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(device):
         for lo in range(0, len(pairs), batch_size):
-            chunk = pairs[lo : lo + batch_size]
-            T = max(len(p) + len(c) for p, c in chunk)
-            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-            am = torch.zeros_like(ids)
-            target = torch.zeros_like(ids, dtype=torch.bool)  # tokens whose NLL counts
-            for b, (p, c) in enumerate(chunk):
-                n = len(p) + len(c)
-                ids[b, :n] = torch.tensor(p + c)
-                am[b, :n] = 1
-                target[b, len(p) : n] = True
-            ids, am, target = ids.to(device), am.to(device), target.to(device)
+            batch = collate([(p + c, len(p)) for p, c in pairs[lo : lo + batch_size]], pad_id(tok))
+            ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            target = (am.bool() & ~batch["prompt_mask"].to(device))[:, 1:]  # continuation tokens: their NLL counts
             logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits[:, :-1]  # [B, T-1, V]
-            sel = target[:, 1:]
-            nll = F.cross_entropy(logits[sel].float(), ids[:, 1:][sel], reduction="sum")
+            nll = F.cross_entropy(logits[target].float(), ids[:, 1:][target], reduction="sum")
             total += float(nll)
-            count += int(sel.sum())
+            count += int(target.sum())
     return total / count
 
 

@@ -11,7 +11,9 @@ from collections.abc import Callable
 import torch
 
 from dlm_factory.dlm.checkpoint.io import Loaded
+from dlm_factory.dlm.data.batching import left_pad, pad_id
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.runtime import inference_autocast, model_device
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, Step, sample
 
 
@@ -30,7 +32,7 @@ def generate(loaded, prompts: list[str], cfg: SamplerConfig, *,
 
     denoiser = ModelDenoiser(loaded)  # refuses an AR checkpoint with a clear error
     if chat is None:
-        chat = any(stage.get("stage") == "instruct" for stage in loaded.spec.stages)
+        chat = "instruct" in loaded.spec.stage_names()
     if chat:
         from dlm_factory.dlm.data.chat import encode_chat, ensure_chat_template
 
@@ -46,19 +48,15 @@ def generate(loaded, prompts: list[str], cfg: SamplerConfig, *,
 def ar_generate(loaded: Loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
     """Greedy decoding with HF ``generate`` (KV cache), left-padded batches; cut at the first EOS."""
     tok, model = loaded.tokenizer, loaded.model
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    eos, pad = tok.eos_token_id, pad_id(tok)
+    device = model_device(model)
     out: list[list[int]] = []
     for lo in range(0, len(prompts), batch_size):
-        chunk = prompts[lo : lo + batch_size]
-        P = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), P), pad, dtype=torch.long)
-        am = torch.zeros_like(ids)
-        for b, p in enumerate(chunk):
-            ids[b, P - len(p) :] = torch.tensor(p)
-            am[b, P - len(p) :] = 1
-        gen = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=pad, use_cache=True)
+        ids, am = left_pad(prompts[lo : lo + batch_size], pad)
+        P = ids.shape[1]
+        with inference_autocast(device):
+            gen = model.generate(input_ids=ids.to(device), attention_mask=am.to(device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True)
         for row in gen[:, P:].tolist():
             cut = next((i for i, t in enumerate(row) if t in (eos, pad)), len(row))
             out.append(row[:cut])

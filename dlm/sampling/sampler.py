@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from dlm_factory.dlm.data.batching import left_pad
+from dlm_factory.dlm.diffusion.denoiser import denoiser_device
 from dlm_factory.dlm.errors import FactoryError
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ def sample(denoiser, prompts: list[list[int]], cfg: SamplerConfig, *,
 
     prompt_ids, prompt_am = left_pad(prompts, pad_id)
     B, P = prompt_ids.shape
-    device = _device(denoiser)
+    device = denoiser_device(denoiser)
     x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long)], 1).to(device)  # [B, T]
     am = torch.cat([prompt_am, torch.ones(B, L, dtype=torch.long)], 1).to(device)  # [B, T]
     prompt_region = torch.zeros_like(x, dtype=torch.bool)
@@ -280,8 +281,3 @@ def sample(denoiser, prompts: list[list[int]], cfg: SamplerConfig, *,
     return out
 
 
-def _device(denoiser) -> torch.device:
-    model = getattr(denoiser, "model", None)
-    if model is not None:
-        return next(model.parameters()).device
-    return torch.device(getattr(denoiser, "device", "cpu"))

@@ -8,15 +8,15 @@ is a normal HF checkpoint dir; from there on it is treated like any user checkpo
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
 
+from dlm_factory.dlm import runtime
 from dlm_factory.dlm.checkpoint.io import Loaded, save_model
-from dlm_factory.dlm.data.corpus import Blocks, read_documents, tokenize_blocks
+from dlm_factory.dlm.checkpoint.record import StageKey, check_output, new_record
+from dlm_factory.dlm.data.corpus import Blocks, read_documents, source_digest, tokenize_blocks
 from dlm_factory.dlm.diffusion.objective import ar_loss
 from dlm_factory.dlm.train.config import TrainConfig, TrainResult
 from dlm_factory.dlm.train.loop import train
@@ -75,9 +75,16 @@ def ar_objective(model, batch, step, generator):
     return ar_loss(model, batch["input_ids"])
 
 
+def bootstrap_key(cfg: BootstrapConfig) -> StageKey:
+    """What decides whether a bootstrap output is done: the corpus content and the config."""
+    return StageKey(stage="bootstrap", inputs={"data": source_digest(cfg.data)}, config=cfg.model_dump())
+
+
 def bootstrap(cfg: BootstrapConfig, output: str | os.PathLike, *, progress: bool = True,
               checkpoint_dir: str | os.PathLike | None = None, overwrite: bool = False) -> TrainResult:
     """Train tokenizer + tiny AR model and save them to ``output`` (atomic; ``overwrite`` swaps a model there)."""
+    check_output(output, overwrite=overwrite)
+    key = bootstrap_key(cfg)
     docs = read_documents(cfg.data, max_chars=cfg.max_chars)
     tokenizer = train_tokenizer([d.text for d in docs], cfg.vocab_size)
     blocks = Blocks(tokenize_blocks(tokenizer, docs, cfg.seq_len))
@@ -85,13 +92,7 @@ def bootstrap(cfg: BootstrapConfig, output: str | os.PathLike, *, progress: bool
     mb = cfg.train.micro_batch()
     result = train(model, lambda step, m: blocks.batch(step * cfg.train.grad_accum + m, mb, cfg.train.seed),
                    ar_objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
-    report = {"stage": "bootstrap", "config": cfg.model_dump(), "train_blocks": blocks.ids.shape[0],
-              "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}
-    save_model(Loaded(model, tokenizer, None), output, overwrite=overwrite, extra={"bootstrap.json": report})
+    record = new_record(key, sources={"data": cfg.data}, runtime=runtime.current().describe(),
+                        result={"train_blocks": blocks.ids.shape[0], **result.summary()})
+    save_model(Loaded(model, tokenizer, None), output, overwrite=overwrite, record=record)
     return result
-
-
-def is_bootstrapped(path: Path, cfg: BootstrapConfig) -> bool:
-    """True when ``path`` already holds a bootstrap made with exactly this config (demo reruns skip it)."""
-    report = Path(path) / "bootstrap.json"
-    return report.is_file() and json.loads(report.read_text()).get("config") == cfg.model_dump()

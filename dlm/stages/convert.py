@@ -12,17 +12,25 @@ False`` and ``diffusion.json``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from dlm_factory.digest import dir_digest, tokenizer_digest
+from dlm_factory.dlm import runtime
 from dlm_factory.dlm.checkpoint.io import Loaded, load_model, save_model, set_bidirectional
+from dlm_factory.dlm.checkpoint.record import (
+    StageKey,
+    check_output,
+    model_digest,
+    new_record,
+    source_name,
+)
 from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
 from dlm_factory.dlm.checkpoint.vocab import grow_embeddings, unused_special_tokens
-from dlm_factory.dlm.data.corpus import Blocks, read_documents, tokenize_blocks
+from dlm_factory.dlm.data.corpus import Blocks, read_documents, source_digest, tokenize_blocks
 from dlm_factory.dlm.diffusion.objective import diffusion_loss
 from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.paths import materialize
 from dlm_factory.dlm.train.config import TrainConfig, TrainResult
 from dlm_factory.dlm.train.loop import train
 
@@ -60,17 +68,17 @@ def ensure_mask_token(loaded: Loaded, preferred: str = "[MASK]") -> tuple[int, s
     return mask_id, preferred, "added"
 
 
-def _source_id(src: str | os.PathLike) -> str:
-    """How the spec records its base: URLs and hub ids as given, local paths absolute."""
-    s = os.fspath(src)
-    return s if "://" in s or not Path(s).exists() else str(Path(s).resolve())
-
-
 def anneal_rate(step: int, anneal_steps: int) -> float | None:
     """Share of extra (non-causal) attention entries at ``step``; None once fully bidirectional."""
     if anneal_steps <= 0 or step + 1 >= anneal_steps:
         return None
     return (step + 1) / anneal_steps
+
+
+def convert_key(base_model: str | os.PathLike, cfg: ConvertConfig) -> StageKey:
+    """What decides whether a conversion output is done: the base's and the corpus's content, the config."""
+    return StageKey(stage="convert", config=cfg.model_dump(),
+                    inputs={"base": model_digest(materialize(base_model)), "data": source_digest(cfg.data)})
 
 
 def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: ConvertConfig, *,
@@ -80,6 +88,8 @@ def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: Conve
 
     Atomic: written to a temp dir and renamed; ``overwrite`` swaps out a model already there.
     """
+    check_output(output, overwrite=overwrite)
+    key = convert_key(base_model, cfg)
     loaded = load_model(base_model)
     if loaded.is_diffusion:
         raise FactoryError(f"{base_model}: already a diffusion model (has diffusion.json)")
@@ -89,7 +99,7 @@ def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: Conve
     blocks = Blocks(tokenize_blocks(loaded.tokenizer, docs, cfg.seq_len, max_positions=loaded.max_positions))
     mask_id, mask_text, how = ensure_mask_token(loaded, cfg.mask_token)
     spec = DiffusionSpec(mask_token_id=mask_id, mask_token=mask_text, shift=cfg.shift, eps=cfg.eps,
-                         tokenizer_digest=tokenizer_digest(loaded.tokenizer), source=_source_id(base_model),
+                         tokenizer_digest=tokenizer_digest(loaded.tokenizer), source=source_name(base_model),
                          source_digest=dir_digest(loaded.path))
     model = loaded.model
 
@@ -101,7 +111,8 @@ def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: Conve
     result = train(model, lambda step, m: blocks.batch(step * cfg.train.grad_accum + m, mb, cfg.train.seed),
                    objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
     set_bidirectional(model)
-    spec.stages.append({"stage": "convert", "mask_token": how, "config": cfg.model_dump(),
-                        "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s})
-    save_model(Loaded(model, loaded.tokenizer, spec), output, overwrite=overwrite)
+    record = new_record(key, sources={"base": spec.source, "data": cfg.data}, ar_root=spec.source,
+                        runtime=runtime.current().describe(), result={"mask_token": how, **result.summary()})
+    spec.stages.append(record)
+    save_model(Loaded(model, loaded.tokenizer, spec), output, overwrite=overwrite, record=record)
     return result

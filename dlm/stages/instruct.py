@@ -17,22 +17,10 @@ with next-token cross-entropy on prompt + response + one EOS, prompt tokens excl
 from the loss.
 
 Prompts are formatted with the tokenizer's chat template when it has one, else with
-the documented default ``DEFAULT_FORMAT`` (installed as the output's chat template, so
-``apply_chat_template`` reproduces it at inference). Which one was used is recorded
-in ``diffusion.json`` (``stages[-1]``) and in ``instruct.json``.
-
-Batching: rows are bucketed by total length (shuffle, sort windows of
-``bucket_window`` batches by length, cut into batches, shuffle the batches), so
-padding stays low; ``response_bucket`` < L additionally rounds each row's padding
-to a multiple of ``response_bucket`` instead of L. Batches are a pure function of the
-step, so a resumed run sees exactly the batches an uninterrupted one would.
-
-Evaluation (``evaluate_instruct``) on held-out instructions: the conditional
-likelihood of the reference response (diffusion: ELBO with the prompt kept; AR: exact
-NLL), both in bits per reference token (response + one EOS); and on generated
-responses: parse rate, judge NLL under an AR checkpoint (use an instruction-tuned
-one: an untuned judge rewards degenerate repetition), exact match of the first line,
-repetition.
+the documented default (``dlm.data.chat``). Rows and length-bucketed batches come
+from ``dlm.data.sft``; the held-out evaluation is ``dlm.evaluation.instruct``. The
+template, padding and data report are kept in the stage record (``stage.json``, and
+``diffusion.json`` ``stages[-1]`` for a DLM).
 
 Shapes: B batch, T row length, P prompt length, L response length.
 """
@@ -49,13 +37,24 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from dlm_factory.digest import tokenizer_digest
+from dlm_factory.dlm import runtime
 from dlm_factory.dlm.checkpoint.io import Loaded, load_model, save_model
-from dlm_factory.dlm.checkpoint.record import REPORT_FILE, lineage_root
+from dlm_factory.dlm.checkpoint.record import (
+    StageKey,
+    check_output,
+    lineage_root,
+    model_digest,
+    new_record,
+    source_name,
+)
 from dlm_factory.dlm.checkpoint.vocab import add_special_tokens, unused_special_tokens
+from dlm_factory.dlm.data.batching import pad_id
 from dlm_factory.dlm.data.chat import DEFAULT_FORMAT, ensure_chat_template
+from dlm_factory.dlm.data.corpus import source_digest
 from dlm_factory.dlm.data.sft import SFTBatches, prepare_rows
 from dlm_factory.dlm.diffusion.objective import ar_loss, diffusion_loss
 from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.paths import materialize
 from dlm_factory.dlm.train.config import TrainConfig, TrainResult
 from dlm_factory.dlm.train.loop import train
 
@@ -104,6 +103,12 @@ def check_objective(loaded: Loaded, objective: str, where: str) -> None:
         raise FactoryError(f"{where}: diffusion checkpoint; --objective ar needs an autoregressive one")
 
 
+def instruct_key(model: str | os.PathLike, cfg: InstructConfig) -> StageKey:
+    """What decides whether an instruction-tuning output is done: the base's and the data's content, the config."""
+    return StageKey(stage="instruct", config=cfg.model_dump(),
+                    inputs={"base": model_digest(materialize(model)), "data": source_digest(cfg.data)})
+
+
 def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructConfig, *,
              checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
              on_log=None, overwrite: bool = False) -> InstructResult:
@@ -113,8 +118,8 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
     (the baseline). With ``checkpoint_dir`` an interrupted run resumes where it stopped.
     """
     where = os.fspath(model)
-    if not overwrite and "://" not in os.fspath(output) and Path(output).exists():  # fail before training
-        raise FactoryError(f"{Path(output).resolve()}: output already exists (choose another --output or remove it)")
+    check_output(output, overwrite=overwrite)
+    key = instruct_key(model, cfg)
     loaded = load_model(model)
     check_objective(loaded, cfg.objective, where)
     tok = loaded.tokenizer
@@ -127,7 +132,7 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
                               heldout_fraction=cfg.heldout_fraction, max_doc_chars=cfg.max_doc_chars,
                               max_bad_fraction=cfg.max_bad_fraction)
     eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    pad = pad_id(tok)
     mb = cfg.train.micro_batch()
     batches = SFTBatches(rows, objective=cfg.objective, response_len=cfg.response_len,
                          response_bucket=cfg.response_bucket, batch_size=mb, seed=cfg.train.seed,
@@ -147,15 +152,17 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
 
     result = train(loaded.model, lambda step, m: batches.batch(step * cfg.train.grad_accum + m), objective,
                    cfg.train, checkpoint_dir=checkpoint_dir, progress=progress, on_log=on_log)
-    stage = {"stage": "instruct", "objective": cfg.objective, "template": template,
-             "chat_template": tok.chat_template, "prompt_format": DEFAULT_FORMAT if template == "default" else None,
-             "padding": {"kind": "rainbow" if pads else "eos", "token_ids": pads,
-                         "tokens": tok.convert_ids_to_tokens(pads)} if cfg.objective == "diffusion" else None,
-             "base_model": where, "ar_base": lineage_root(loaded.path or Path(where), where), "config": cfg.model_dump(), "data": data,
-             "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}
+    base = source_name(model)
+    outcome = {"objective": cfg.objective, "template": template, "chat_template": tok.chat_template,
+               "prompt_format": DEFAULT_FORMAT if template == "default" else None,
+               "padding": {"kind": "rainbow" if pads else "eos", "token_ids": pads,
+                           "tokens": tok.convert_ids_to_tokens(pads)} if cfg.objective == "diffusion" else None,
+               "data": data, **result.summary()}
+    record = new_record(key, sources={"base": base, "data": cfg.data}, runtime=runtime.current().describe(),
+                        ar_root=lineage_root(loaded.path or Path(where), base), result=outcome)
     if spec is not None:
-        spec.stages.append(stage)
-    save_model(Loaded(loaded.model, tok, spec), output, overwrite=overwrite, extra={REPORT_FILE: stage})
+        spec.stages.append(record)
+    save_model(Loaded(loaded.model, tok, spec), output, overwrite=overwrite, record=record)
     return InstructResult(train=result, data=data, template=template, output=os.fspath(output))
 
 

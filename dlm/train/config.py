@@ -49,6 +49,11 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
 
+    def summary(self) -> dict:
+        """The figures a stage record keeps (the loss curve stays out: it is in the logs)."""
+        return {"steps": self.steps, "final_loss": self.final_loss, "tokens_per_s": round(self.tokens_per_s, 1),
+                "resumed_from": self.resumed_from, "seconds": round(self.seconds, 1)}
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak lr: linear warmup, then cosine to min_lr_ratio."""

@@ -1,4 +1,4 @@
-"""The ``factory`` command line.
+"""The ``factory`` command line: the composition root (it may import every layer; none imports it).
 
 Each command group lives in its own module exposing ``register(subparsers)``;
 modules stay light at import time (torch and Prefect are imported inside the
@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress reporting only
     try:
+        if hasattr(args, "device"):  # a compute command
+            from dlm_factory.dlm import runtime
+
+            runtime.configure(args.device)  # device, precision policy and ranks, once per process
         return int(args.func(args) or 0)
     except (FactoryError, CatalogError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from dlm_factory.cli.options import add_device, validated, with_values
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bootstrap", help="train the tiny stdlib tokenizer + AR base model",
@@ -14,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="output checkpoint dir (must not exist)")
     p.add_argument("--steps", type=int, help="training steps (default: 400)")
     p.add_argument("--checkpoint-dir", help="resume/checkpoint dir for the training run")
+    add_device(p)
     p.set_defaults(func=_bootstrap)
 
     p = sub.add_parser("convert", help="convert an AR checkpoint into a masked-diffusion LM",
@@ -28,9 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, help="training sequence length (default: 128)")
     p.add_argument("--batch-size", type=int, help="sequences per step (default: 16)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config path")
     p.add_argument("--checkpoint-dir", help="checkpoint/resume dir (default: none)")
+    add_device(p)
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("eval", help="ELBO (diffusion) or exact NLL (AR) in bits/token; prints one JSON line")
@@ -40,27 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-blocks", type=int, help="blocks evaluated (default: 32)")
     p.add_argument("--seq-len", type=int, help="block length (default: 128)")
     p.add_argument("--seed", type=int, help="seed (default: 0)")
+    add_device(p)
     p.set_defaults(func=_eval)
-
-
-def with_values(obj, **values):
-    """Copy of a pydantic config with the given non-None values set (validated)."""
-    data = obj.model_dump()
-    data.update({k: v for k, v in values.items() if v is not None})
-    return type(obj).model_validate(data)
-
-
-def validated(make):
-    """Build a config with ``make()``; a pydantic ValidationError becomes one FactoryError line."""
-    from pydantic import ValidationError
-
-    from dlm_factory.dlm.errors import FactoryError
-
-    try:
-        return make()
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise FactoryError(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
 
 
 def _bootstrap(args) -> int:

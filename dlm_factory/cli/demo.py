@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
+from dlm_factory.cli.options import add_device
+
 
 def prefect_env() -> None:
     """Keep Prefect's state under $FACTORY_HOME/prefect and route dlm's logs into flow runs."""
     from dlm_factory.home import factory_home
 
-    os.environ.setdefault("PREFECT_HOME", str(factory_home() / "prefect"))
+    # Prefect creates PREFECT_HOME without its parents: on a fresh clone .factory does not exist yet.
+    os.environ.setdefault("PREFECT_HOME", str(factory_home(create=True) / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dlm_factory")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond the object store
 
@@ -20,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Bootstrap the stdlib AR model, convert it to a diffusion LM, instruction-"
                                    "tune it, and evaluate every stage, as Prefect flows on the ephemeral API. "
                                    "Outputs go to $FACTORY_HOME (default ./.factory); re-runs reuse finished stages.")
+    p.add_argument("--profile", choices=["default", "smoke"], default="default",
+                   help="default: the embedded demo (~10 min on 2 cores); smoke: tiny budgets (CI, < 1 min)")
+    add_device(p)
     p.set_defaults(func=_demo)
 
 
@@ -27,5 +33,5 @@ def _demo(args) -> int:
     prefect_env()
     from dlm_factory.flows.demo import demo_flow
 
-    demo_flow()
+    demo_flow(profile=args.profile)
     return 0

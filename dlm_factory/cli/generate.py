@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from dlm_factory.cli.options import add_device
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with a diffusion LM (LLaDA remasking or Fast-dLLM threshold decoding)",
@@ -29,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the plain text")
     p.add_argument("--raw", action="store_true",
                    help="feed the prompt as is (default: instruction-tuned models get their chat template)")
+    add_device(p)
     p.set_defaults(func=_generate)
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from dlm_factory.cli.options import add_device, validated, with_values
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("instruct", help="instruction-tune a diffusion LM (LLaDA SFT) or, with --objective ar, an AR model",
@@ -27,9 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pad-tokens", type=int, help="rainbow padding: distinct pad tokens in the cycle (default: 7)")
     p.add_argument("--max-prompt-len", type=int, help="longest prompt in tokens (default: model positions - L)")
     p.add_argument("--max-bad-fraction", type=float, help="refuse JSONL with more malformed lines than this (default: 0.05)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     p.add_argument("--seed", type=int, help="seed of batches and masking (default: 0)")
     p.add_argument("--checkpoint-dir", help="checkpoint/resume dir (default: none)")
+    add_device(p)
     p.set_defaults(func=_instruct)
 
     p = sub.add_parser("instruct-eval", help="held-out instruction metrics; prints one JSON line",
@@ -44,11 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--response-len", type=int, help="response length L (default: 64)")
     p.add_argument("--seed", type=int, help="seed (default: 0)")
     p.add_argument("--block-size", type=int, help="diffusion sampler: semi-autoregressive block size (default: 32)")
+    add_device(p)
     p.set_defaults(func=_instruct_eval)
 
 
 def _instruct(args) -> int:
-    from dlm_factory.cli.core import validated, with_values
     from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
 
     base = InstructConfig()
@@ -72,7 +75,6 @@ def _instruct(args) -> int:
 
 
 def _instruct_eval(args) -> int:
-    from dlm_factory.cli.core import validated, with_values
     from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct
     from dlm_factory.dlm.sampling.sampler import SamplerConfig
 

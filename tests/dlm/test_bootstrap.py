@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from dlm_factory.digest import sha256_file
 from dlm_factory.dlm.checkpoint.io import load_model
-from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap, is_bootstrapped
+from dlm_factory.dlm.checkpoint.record import is_done, read_record
+from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap, bootstrap_key
 from dlm_factory.dlm.train.config import TrainConfig
 
 
@@ -26,6 +26,8 @@ def test_bootstrap_is_a_reproducible_hf_checkpoint(tmp_path):
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     loaded = load_model(a)
     assert loaded.spec is None and loaded.tokenizer.eos_token == "<|endoftext|>"
-    assert is_bootstrapped(Path(a), small())
-    assert not is_bootstrapped(Path(a), small().model_copy(update={"seq_len": 64}))
+    assert is_done(a, bootstrap_key(small()))
+    assert not is_done(a, bootstrap_key(small().model_copy(update={"seq_len": 64})))
+    record = read_record(a)
+    assert record.stage == "bootstrap" and record.result["steps"] == 3 and record.code_version
     assert not any(p.suffix in {".bin", ".pt"} for p in a.iterdir())

@@ -31,7 +31,7 @@ def test_convert_any_decoder_only_architecture(arch, tiny_ar, tmp_path):
     assert loaded.model.config.is_causal is False
     assert json.loads((out / "config.json").read_text())["is_causal"] is False
     assert loaded.spec.mask_token == "<|reserved_0|>"  # an unused reserved token is reused
-    assert loaded.spec.stages[0]["stage"] == "convert" and loaded.spec.source == str(base)
+    assert loaded.spec.stages[0].stage == "convert" and loaded.spec.source == str(base)
     assert loaded.spec.source_digest.startswith("sha256:")
     ids = torch.randint(10, 300, (2, 32))
     est = elbo(ModelDenoiser(loaded), ids, n=4)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from dlm_factory.dlm.checkpoint.io import load_model
+from dlm_factory.dlm.checkpoint.record import is_done, read_record
 from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
+from dlm_factory.dlm.data.batching import collate
 from dlm_factory.dlm.data.chat import (
     DEFAULT_CHAT_TEMPLATE,
     DEFAULT_FORMAT,
@@ -17,11 +19,11 @@ from dlm_factory.dlm.data.chat import (
     render_prompt,
 )
 from dlm_factory.dlm.data.instructions import Example
-from dlm_factory.dlm.data.sft import Row, SFTBatches, ar_row, collate, diffusion_row, encode
+from dlm_factory.dlm.data.sft import Row, SFTBatches, ar_row, diffusion_row, encode
 from dlm_factory.dlm.diffusion.objective import ar_loss, corrupt, diffusion_loss, sample_t
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct, summary
-from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
+from dlm_factory.dlm.stages.instruct import InstructConfig, instruct, instruct_key
 from dlm_factory.dlm.train.config import TrainConfig
 from tests.dlm.helpers import leftovers, plain_tokenizer
 
@@ -242,18 +244,20 @@ def test_instruct_writes_a_tuned_dlm(tiny_dlm, jsonl, tmp_path):
     assert result.template == "default" and result.data["rows"] == 32
     assert math.isfinite(result.final_loss) and len(result.train.losses) == 4
     loaded = load_model(out)
-    stage = loaded.spec.stages[-1]
-    assert [s["stage"] for s in loaded.spec.stages] == ["convert", "instruct"]
+    record = loaded.spec.stages[-1]
+    assert loaded.spec.stage_names() == ["convert", "instruct"]
+    stage = record.result
     assert stage["objective"] == "diffusion" and stage["template"] == "default"
-    assert stage["prompt_format"] == DEFAULT_FORMAT and stage["config"] == small(jsonl).model_dump()
+    assert stage["prompt_format"] == DEFAULT_FORMAT and record.config == small(jsonl).model_dump()
     assert loaded.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE  # generation can format prompts the same way
-    assert json.loads((out / "instruct.json").read_text())["ar_base"] == loaded.spec.source
+    assert read_record(out) == record and record.ar_root == loaded.spec.source
+    assert is_done(out, instruct_key(tiny_dlm, small(jsonl)))
     assert stage["padding"]["kind"] == "rainbow" and stage["padding"]["token_ids"] == loaded.spec.pad_token_ids
     assert len(set(loaded.spec.pad_token_ids)) == 7
     assert leftovers(tmp_path) == []
     eos = instruct(tiny_dlm, tmp_path / "eos", small(jsonl).model_copy(update={"padding": "eos"}), progress=False)
     plain = load_model(tmp_path / "eos")
-    assert plain.spec.pad_token_ids == [] and plain.spec.stages[-1]["padding"]["kind"] == "eos"
+    assert plain.spec.pad_token_ids == [] and plain.spec.stages[-1].result["padding"]["kind"] == "eos"
     assert eos.data["rows"] == 32
 
 
@@ -268,7 +272,7 @@ def test_ar_baseline_and_objective_errors(tiny_ar, tiny_dlm, jsonl, tmp_path):
     assert math.isfinite(result.final_loss)
     loaded = load_model(tmp_path / "ar")
     assert loaded.spec is None and loaded.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
-    assert json.loads((tmp_path / "ar" / "instruct.json").read_text())["ar_base"] == tiny_ar
+    assert read_record(tmp_path / "ar").ar_root == tiny_ar
 
 
 def test_prompt_longer_than_context_is_refused(tiny_dlm, tmp_path):

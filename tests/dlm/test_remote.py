@@ -62,7 +62,7 @@ def test_instruction_data_from_s3_tunes_and_reports_bad_lines(bucket, tiny_dlm, 
                          train=TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1))
     result = instruct(tiny_dlm, tmp_path / "tuned", cfg, progress=False)
     assert result.data["rows"] == 9 and result.data["bad_lines"] == 1
-    bad = load_model(tmp_path / "tuned").spec.stages[-1]["data"]["bad_line_numbers"]
+    bad = load_model(tmp_path / "tuned").spec.stages[-1].result["data"]["bad_line_numbers"]
     assert len(bad) == 1 and bad[0].startswith("b.jsonl:2: ")
     with pytest.raises(FactoryError, match=r"1 of 10 lines .*b\.jsonl:2"):
         instruct(tiny_dlm, tmp_path / "strict", cfg.model_copy(update={"max_bad_fraction": 0.05}), progress=False)

@@ -312,6 +312,7 @@ def test_generate_formats_prompts_like_sft_for_instruction_tuned_models(tiny_dlm
     """An instruction-tuned model sees the chat-template prompt it was trained on; raw stays raw."""
     import dlm_factory.dlm.sampling.generate as sampling
     from dlm_factory.dlm.checkpoint.io import load_model
+    from dlm_factory.dlm.checkpoint.record import StageRecord
     from dlm_factory.dlm.data.chat import encode_chat, ensure_chat_template
 
     seen = []
@@ -320,7 +321,7 @@ def test_generate_formats_prompts_like_sft_for_instruction_tuned_models(tiny_dlm
     cfg = sampling.SamplerConfig(length=8, block_size=8)
     sampling.generate(loaded, ["def f(x):"], cfg)
     assert seen[-1] == sampling.encode_prompts(loaded.tokenizer, ["def f(x):"])  # converted only: raw
-    loaded.spec.stages.append({"stage": "instruct"})
+    loaded.spec.stages.append(StageRecord(stage="instruct"))
     sampling.generate(loaded, ["def f(x):"], cfg)
     ensure_chat_template(loaded.tokenizer)
     expected = encode_chat(loaded.tokenizer, [[{"role": "user", "content": "def f(x):"}]])

@@ -42,5 +42,5 @@ def test_convert_flow_converts_evaluates_and_reuses(prefect_harness, tiny_ar, tm
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 5})})
     replaced = convert_flow(base_model=tiny_ar, name="flow-dlm", convert_config=changed, eval_config=ev)
     assert replaced["model"] == str(model)
-    assert DiffusionSpec.read(model).stages[0]["config"]["train"]["steps"] == 5
+    assert DiffusionSpec.read(model).stages[0].config["train"]["steps"] == 5
     assert leftovers(model.parent) == []

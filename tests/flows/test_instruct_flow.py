@@ -11,6 +11,7 @@ import pytest
 def test_instruct_flow(tiny_ar, tiny_dlm, tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
+    from dlm_factory.dlm.checkpoint.record import read_record
     from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig
     from dlm_factory.dlm.stages.instruct import InstructConfig
     from dlm_factory.dlm.train.config import TrainConfig
@@ -30,9 +31,9 @@ def test_instruct_flow(tiny_ar, tiny_dlm, tmp_path, monkeypatch):
         judge = tmp_path / "home" / "models" / "tiny-instruct-judge"
         assert out["judge"] == out["tuned"]["judge"] == out["untuned"]["judge"] == str(judge)
         assert out["tuned"]["judge_tuned"] is True  # an AR SFT of the DLM's source model, with its own seed
-        report = json.loads((judge / "instruct.json").read_text())
-        assert report["objective"] == "ar" and report["base_model"] == tiny_ar
-        assert report["config"]["train"]["seed"] == 1 != cfg.train.seed
+        report = read_record(judge)
+        assert report.result["objective"] == "ar" and report.sources["base"] == tiny_ar == report.ar_root
+        assert report.config["train"]["seed"] == 1 != cfg.train.seed
         stamp = (tmp_path / "home" / "models" / "tiny-instruct" / "model.safetensors").stat().st_mtime_ns
         again = instruct_flow(model=tiny_dlm, name="tiny-instruct", config=cfg, eval_config=ecfg)
         assert (tmp_path / "home" / "models" / "tiny-instruct" / "model.safetensors").stat().st_mtime_ns == stamp
