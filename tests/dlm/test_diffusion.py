@@ -134,7 +134,8 @@ def test_diffusion_loss_golden_and_per_sequence(tiny_dlm):
                                  generator=torch.Generator().manual_seed(0))
     assert n == 4 * 31 and n2 == 4 * 16
     assert float(loss) == float(again) and math.isfinite(float(seq))
-    assert 3.0 < float(loss) < 12.0  # ~ log(V=512) = 6.2 nats/token for a barely trained model
+    # Pinned stack (torch 2.13 CPU, transformers 5) on the tiny fixtures: regenerate only on a deliberate change.
+    assert (float(loss), float(seq)) == pytest.approx((10.2839, 8.0116), abs=1e-3)
 
 
 def test_model_denoiser_refuses_ar_checkpoint(tiny_ar):
