@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from dlm_factory.cli.options import add_device, validated, with_values
+from dlm_factory.cli.options import add_device, add_training, stage_config, validated, with_values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a byte-level BPE tokenizer and a tiny Llama AR model on the "
                                    "interpreter's stdlib source; save an HF checkpoint dir.")
     p.add_argument("--output", required=True, help="output checkpoint dir (must not exist)")
-    p.add_argument("--steps", type=int, help="training steps (default: 400)")
-    p.add_argument("--checkpoint-dir", help="resume/checkpoint dir for the training run")
+    add_training(p, steps=400, batch_size=16, lr=2e-3)
     add_device(p)
     p.set_defaults(func=_bootstrap)
 
@@ -25,15 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", required=True, help="AR checkpoint: dir, file:// or s3:// URL, or hub id")
     p.add_argument("--output", required=True, help="output dir (must not exist)")
     p.add_argument("--data", help="adaptation corpus: stdlib[:split], a path or URL (default: stdlib:train)")
-    p.add_argument("--steps", type=int, help="training steps (default: 200)")
     p.add_argument("--anneal-steps", type=int, help="causal -> bidirectional annealing steps (default: 100)")
     p.add_argument("--no-shift", action="store_true", help="predict token i at position i (ablation)")
     p.add_argument("--seq-len", type=int, help="training sequence length (default: 128)")
-    p.add_argument("--batch-size", type=int, help="sequences per step (default: 16)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config path")
-    p.add_argument("--checkpoint-dir", help="checkpoint/resume dir (default: none)")
+    add_training(p, steps=200, batch_size=16, lr=1e-3)
     add_device(p)
     p.set_defaults(func=_convert)
 
@@ -51,8 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _bootstrap(args) -> int:
     from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap
 
-    cfg = BootstrapConfig()
-    cfg = validated(lambda: with_values(cfg, train=with_values(cfg.train, steps=args.steps).model_dump()))
+    cfg = stage_config(BootstrapConfig(), args)
     result = bootstrap(cfg, args.output, checkpoint_dir=args.checkpoint_dir, progress=sys.stderr.isatty())
     print(json.dumps({"output": args.output, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}))
     return 0
@@ -61,15 +55,8 @@ def _bootstrap(args) -> int:
 def _convert(args) -> int:
     from dlm_factory.dlm.stages.convert import ConvertConfig, convert
 
-    base = ConvertConfig()
-
-    def make():
-        train = with_values(base.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     precision=args.precision, deepspeed=args.deepspeed)
-        return with_values(base, data=args.data, anneal_steps=args.anneal_steps, seq_len=args.seq_len,
-                    shift=False if args.no_shift else None, train=train.model_dump())
-
-    cfg = validated(make)
+    cfg = stage_config(ConvertConfig(), args, data=args.data, anneal_steps=args.anneal_steps, seq_len=args.seq_len,
+                       shift=False if args.no_shift else None, train={"deepspeed": args.deepspeed})
     result = convert(args.base_model, args.output, cfg, checkpoint_dir=args.checkpoint_dir,
                      progress=sys.stderr.isatty())
     print(json.dumps({"output": args.output, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}))

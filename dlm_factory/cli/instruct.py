@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from dlm_factory.cli.options import add_device, validated, with_values
+from dlm_factory.cli.options import add_device, add_training, stage_config, validated, with_values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="instructions: stdlib[:train|heldout|all] or a JSONL file/dir/URL (default: stdlib:train)")
     p.add_argument("--output", required=True, help="output checkpoint dir (must not exist)")
     p.add_argument("--objective", choices=["diffusion", "ar"], help="diffusion (default) or ar: the AR SFT baseline")
-    p.add_argument("--steps", type=int, help="training steps (default: 100)")
-    p.add_argument("--batch-size", type=int, help="rows per step (default: 16)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
     p.add_argument("--response-len", type=int, help="response length L incl. EOS padding (default: 64)")
     p.add_argument("--response-bucket", type=int, help="pad responses to a multiple of this instead of L")
     p.add_argument("--padding", choices=["rainbow", "eos"],
@@ -29,9 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pad-tokens", type=int, help="rainbow padding: distinct pad tokens in the cycle (default: 7)")
     p.add_argument("--max-prompt-len", type=int, help="longest prompt in tokens (default: model positions - L)")
     p.add_argument("--max-bad-fraction", type=float, help="refuse JSONL with more malformed lines than this (default: 0.05)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     p.add_argument("--seed", type=int, help="seed of batches and masking (default: 0)")
-    p.add_argument("--checkpoint-dir", help="checkpoint/resume dir (default: none)")
+    add_training(p, steps=100, batch_size=16, lr=1e-3)
     add_device(p)
     p.set_defaults(func=_instruct)
 
@@ -54,17 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _instruct(args) -> int:
     from dlm_factory.dlm.stages.instruct import InstructConfig, instruct
 
-    base = InstructConfig()
-
-    def make():
-        train = with_values(base.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     precision=args.precision, seed=args.seed)
-        return with_values(base, data=args.data, objective=args.objective, response_len=args.response_len,
-                    response_bucket=args.response_bucket, padding=args.padding, pad_tokens=args.pad_tokens,
-                    max_prompt_len=args.max_prompt_len,
-                    max_bad_fraction=args.max_bad_fraction, train=train.model_dump())
-
-    cfg = validated(make)
+    cfg = stage_config(InstructConfig(), args, data=args.data, objective=args.objective,
+                       response_len=args.response_len, response_bucket=args.response_bucket, padding=args.padding,
+                       pad_tokens=args.pad_tokens, max_prompt_len=args.max_prompt_len,
+                       max_bad_fraction=args.max_bad_fraction, train={"seed": args.seed})
     result = instruct(args.model, args.output, cfg, checkpoint_dir=args.checkpoint_dir, progress=sys.stderr.isatty())
     print(json.dumps({"output": args.output, "objective": cfg.objective, "template": result.template,
                       "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s,

@@ -11,6 +11,26 @@ def add_device(parser: argparse.ArgumentParser) -> None:
                         help="compute device (default: $FACTORY_DEVICE, else auto = CUDA when available)")
 
 
+def add_training(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float) -> None:
+    """The optimisation flags every training command shares (defaults shown are the stage's own)."""
+    parser.add_argument("--steps", type=int, help=f"training steps (default: {steps})")
+    parser.add_argument("--batch-size", type=int, help=f"sequences per step (default: {batch_size})")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate (default: {lr:g})")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                        help="auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
+    parser.add_argument("--checkpoint-dir", help="checkpoint/resume dir (default: none)")
+
+
+def stage_config(base, args: argparse.Namespace, **values):
+    """``base`` with the given values and the training flags of ``add_training`` set, validated as one."""
+    def make():
+        train = with_values(base.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            precision=args.precision, **values.pop("train", {}))
+        return with_values(base, train=train.model_dump(), **values)
+
+    return validated(make)
+
+
 def with_values(obj, **values):
     """Copy of a pydantic config with the given non-None values set (validated)."""
     data = obj.model_dump()
