@@ -5,9 +5,9 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all test-gpu lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
@@ -26,6 +26,10 @@ test: $(STAMP)
 ## Every test, slow ones included.
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+## The CUDA checks (marked gpu; skipped where CUDA is absent).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
