@@ -42,7 +42,7 @@ PROFILES: dict[str, DemoProfile] = {
         bootstrap=BootstrapConfig(max_chars=200_000, vocab_size=512, hidden_size=64, num_layers=2, num_heads=2,
                                   intermediate_size=128, seq_len=64, max_positions=256, train=_tiny(20)),
         convert=ConvertConfig(max_chars=100_000, seq_len=64, anneal_steps=5, train=_tiny(10)),
-        eval=EvalConfig(seq_len=64, max_blocks=4, mc_samples=4),
+        eval=EvalConfig(seq_len=64, max_windows=4, mc_samples=4),
         instruct=InstructConfig(response_len=32, train=_tiny(5)),
         instruct_eval=InstructEvalConfig(response_len=32, max_examples=8, gen_examples=4, mc_samples=2),
     ),

@@ -93,11 +93,7 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (ValueError, OSError) as e:
         raise FactoryError(f"{where}: no usable tokenizer ({e})") from e
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa"
-        )
+    model = _from_pretrained(path, dtype, where, getattr(config, "model_type", "?"))
     model.to(device if device is not None else runtime.current().device).eval()
     spec = DiffusionSpec.read(path) if (path / SPEC_FILE).is_file() else None
     if spec is not None:
@@ -105,6 +101,31 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             raise FactoryError(f"{where}: tokenizer does not match the digest in {SPEC_FILE}")
         set_bidirectional(model)
     return Loaded(model=model, tokenizer=tokenizer, spec=spec, path=path)
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype, where: str, model_type: str):
+    """The model with SDPA attention where the architecture has it, else eager (Gemma2 and others).
+
+    Both honour the additive float mask the diffusion forward passes. Any other failure
+    of an architecture this transformers cannot build is one FactoryError line.
+    """
+    last: Exception | None = None
+    for attn in ("sdpa", "eager"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                            trust_remote_code=False, attn_implementation=attn)
+        except ValueError as e:
+            if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
+                last = e
+                break
+            last = e
+        except (KeyError, OSError, NotImplementedError, ImportError, RuntimeError) as e:
+            last = e
+            break
+    first = str(last).strip().splitlines()[0] if last and str(last).strip() else type(last).__name__
+    raise FactoryError(f"{where}: cannot load this {model_type} checkpoint ({first})") from last
 
 
 def set_bidirectional(model) -> None:

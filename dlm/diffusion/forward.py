@@ -78,17 +78,36 @@ def full_logits(model, ids, attention_mask=None, *, anneal_r=None, generator=Non
 
 
 def output_head(model):
-    """(base model returning final hidden states, output projection), or None for exotic heads.
+    """(base model returning final hidden states, output projection), or None where that is not exact.
 
-    Computing the head only at masked positions saves most of the vocabulary
-    projection during diffusion training. Models that post-process logits
-    (soft-capping, scaling) fall back to the full forward.
+    Computing the head only at masked positions saves most of the vocabulary projection
+    during diffusion training. Families that rescale logits outside ``lm_head`` (Granite
+    ``logits_scaling``, Cohere ``logit_scale``, Gemma2 soft-capping, MiniCPM3, FalconH1,
+    ...) each do it differently, so no config key decides: the first call checks once, on
+    a tiny input, that head(hidden) equals ``model(...).logits``, and remembers the answer
+    on the model. Where it does not, every caller takes the full forward.
     """
-    cfg = model.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
     head = model.get_output_embeddings()
     base = getattr(model, "base_model", None)
     if head is None or base is None or base is model:
         return None
-    return base, head
+    exact = getattr(model, "_dlm_head_is_exact", None)
+    if exact is None:
+        exact = _head_matches_logits(model, base, head)
+        model._dlm_head_is_exact = exact
+    return (base, head) if exact else None
+
+
+def _head_matches_logits(model, base, head) -> bool:
+    param = next(model.parameters())
+    vocab = head.weight.shape[0]
+    ids = torch.arange(1, 9, device=param.device).remainder(vocab).view(1, -1)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(param.device.type, enabled=False):
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            short = head(base(input_ids=ids, use_cache=False).last_hidden_state).float()
+    finally:
+        model.train(was_training)
+    return full.shape == short.shape and torch.allclose(full, short, rtol=1e-4, atol=1e-4)

@@ -9,6 +9,7 @@ import torch
 
 from dlm_factory.dlm.diffusion.denoiser import Denoiser, denoiser_device
 from dlm_factory.dlm.diffusion.objective import ar_loss, corrupt, maskable
+from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.runtime import inference_autocast, model_device
 
 
@@ -26,45 +27,98 @@ class Estimate:
         return asdict(self)
 
 
-@torch.no_grad()
-def elbo(denoiser: Denoiser, ids, *, attention_mask=None, keep=None, n: int = 128, seed: int = 0,
-         batch_size: int = 32) -> Estimate:
-    """Monte Carlo upper bound on the NLL (bits/token) with stratified t_k = (k + u)/n.
+def _draws(denoisers, ids, attention_mask, keep, n: int, seed: int, batch_size: int):
+    """Dataset totals of sum_i (1/t) * NLL(masked tokens) for each denoiser, stratum and draw.
 
-    The first token is always kept (conditioned on), so the bound covers the same
-    tokens as ``ar_nll``. ``keep`` [B, T] marks a prompt for the conditional variant.
-    Stderr: the spread of the n per-t dataset estimates / sqrt(n) (conservative for
-    stratified t).
+    ``m = ceil(n / 2)`` strata of t, two independent draws in each (t = (j + u)/m with
+    u ~ U(0, 1) drawn per sequence, stratum and draw; masks drawn independently too).
+    Every denoiser sees the same noisy inputs, so their differences are paired.
+    Returns (totals [len(denoisers), m, 2] float64, scored token count).
     """
-    spec = denoiser.spec
+    spec = denoisers[0].spec
     keep = torch.zeros_like(ids, dtype=torch.bool) if keep is None else keep.bool().clone()
     keep[:, 0] = True
-    device = denoiser_device(denoiser)
+    device = denoiser_device(denoisers[0])
     ids = ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     keep = keep.to(device)
     g = torch.Generator(device=device).manual_seed(seed)
-    per_k = torch.zeros(n, dtype=torch.float64)
-    total = 0
+    m = (n + 1) // 2
+    totals = torch.zeros(len(denoisers), m, 2, dtype=torch.float64)
+    count = 0
     for lo in range(0, ids.shape[0], batch_size):
         x = ids[lo : lo + batch_size]
         am = None if attention_mask is None else attention_mask[lo : lo + batch_size]
         kp = keep[lo : lo + batch_size]
-        total += int(maskable(x, spec, kp, am).sum())
-        u = torch.rand(x.shape[0], generator=g, device=device)
-        for k in range(n):
-            t = ((k + u) / n).clamp(min=spec.eps)
-            noisy, masked = corrupt(x, t, spec, kp, am, g)
-            logp = denoiser(noisy, am)  # [b, T, V]
-            nll = -logp.gather(-1, x[..., None])[..., 0] * masked  # [b, T]
-            per_k[k] += float((nll.sum(-1) / t).sum())
-    if total == 0:
-        from dlm_factory.dlm.errors import FactoryError
-
+        count += int(maskable(x, spec, kp, am).sum())
+        for j in range(m):
+            for d in range(2):
+                u = torch.rand(x.shape[0], generator=g, device=device)
+                t = ((j + u) / m).clamp(min=spec.eps)
+                noisy, masked = corrupt(x, t, spec, kp, am, g)
+                for i, den in enumerate(denoisers):
+                    logp = den(noisy, am)  # [b, T, V]
+                    nll = -logp.gather(-1, x[..., None])[..., 0] * masked  # [b, T]
+                    totals[i, j, d] += float((nll.sum(-1) / t).sum())
+    if count == 0:
         raise FactoryError("nothing to evaluate: no tokens left after the prompt/first token")
-    values = per_k / total / math.log(2)
-    stderr = float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return Estimate(float(values.mean()), stderr, total, n, "elbo")
+    return totals, count
+
+
+def _stratified(totals: torch.Tensor, count: int) -> tuple[float, float]:
+    """(mean, stderr) in bits/token of a [m, 2] table of stratum totals with two draws per stratum.
+
+    The estimate is the mean over strata of the two draws' mean; its variance is
+    sum_j Var(stratum j's mean) / m^2, each estimated without bias from its two
+    independent draws as (a - b)^2 / 4. Unlike the spread across strata (which also
+    counts how the loss changes with t), this is the error of the stratified mean itself.
+    """
+    m = totals.shape[0]
+    values = totals / count / math.log(2)
+    mean = float(values.mean())
+    var = float(((values[:, 0] - values[:, 1]) ** 2 / 4).sum()) / m**2
+    return mean, math.sqrt(var)
+
+
+@torch.no_grad()
+def elbo(denoiser: Denoiser, ids, *, attention_mask=None, keep=None, n: int = 128, seed: int = 0,
+         batch_size: int = 32) -> Estimate:
+    """Monte Carlo upper bound on the NLL (bits/token), stratified in t, with a valid standard error.
+
+    ``n`` samples of t per sequence (rounded up to even: ceil(n/2) strata, two
+    independent draws each; see ``_stratified``). The first token is always kept
+    (conditioned on), so the bound covers the same tokens as ``ar_nll``; ``keep`` [B, T]
+    marks further context (a prompt, a rolling window's carried context).
+    """
+    if n < 2:
+        raise FactoryError(f"mc samples {n}: the ELBO needs at least 2 (two draws per stratum give its error bar)")
+    totals, count = _draws([denoiser], ids, attention_mask, keep, n, seed, batch_size)
+    mean, stderr = _stratified(totals[0], count)
+    return Estimate(mean, stderr, count, 2 * totals.shape[1], "elbo")
+
+
+@torch.no_grad()
+def paired_elbo(denoisers: dict[str, Denoiser], ids, *, attention_mask=None, keep=None, n: int = 128,
+                seed: int = 0, batch_size: int = 32) -> dict[str, Estimate]:
+    """ELBOs of several denoisers on shared draws, plus ``"<a>-<b>"`` differences against the first.
+
+    Comparing variants by the paired difference cancels the noise of the draws they
+    share: its standard error is usually far below either estimate's own.
+    """
+    if n < 2:
+        raise FactoryError(f"mc samples {n}: the ELBO needs at least 2")
+    names = list(denoisers)
+    specs = {(d.spec.mask_token_id, d.spec.shift, d.spec.eps) for d in denoisers.values()}
+    if len(specs) != 1:
+        raise FactoryError("paired ELBO needs denoisers with one mask token, shift and eps (the same noisy inputs)")
+    totals, count = _draws([denoisers[k] for k in names], ids, attention_mask, keep, n, seed, batch_size)
+    out = {}
+    for i, name in enumerate(names):
+        out[name] = Estimate(*_stratified(totals[i], count), count, 2 * totals.shape[1], "elbo")
+    for i, name in enumerate(names[1:], 1):
+        out[f"{name}-{names[0]}"] = Estimate(*_stratified(totals[i] - totals[0], count), count,
+                                             2 * totals.shape[1], "elbo_difference")
+    return out
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from dlm_factory.digest import dir_digest, tokenizer_digest
 from dlm_factory.dlm import runtime
@@ -47,6 +47,19 @@ class ConvertConfig(BaseModel):
     eps: float = Field(1e-3, gt=0, lt=1, description="minimum masking rate")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=200, batch_size=16, lr=1e-3, warmup_steps=20),
                                description="optimisation settings")
+
+    @model_validator(mode="after")
+    def _annealing_ends(self):
+        """A converted model must train fully bidirectionally for a while before it is saved as such."""
+        if self.anneal_steps and self.anneal_steps >= self.train.steps:
+            raise ValueError(f"anneal_steps {self.anneal_steps} must be below the training steps "
+                             f"({self.train.steps}): the model would be saved bidirectional without ever "
+                             "training fully bidirectional")
+        return self
+
+    def bidirectional_steps(self) -> int:
+        """Steps trained with the full bidirectional mask (``anneal_rate`` is None from step anneal_steps - 1)."""
+        return self.train.steps - max(self.anneal_steps - 1, 0)
 
 
 def ensure_mask_token(loaded: Loaded, preferred: str = "[MASK]") -> tuple[int, str, str]:
@@ -112,7 +125,8 @@ def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: Conve
                    objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
     set_bidirectional(model)
     record = new_record(key, sources={"base": spec.source, "data": cfg.data}, ar_root=spec.source,
-                        runtime=runtime.current().describe(), result={"mask_token": how, **result.summary()})
+                        runtime=runtime.current().describe(), result={"mask_token": how, "final_anneal_r": 1.0,
+                                "bidirectional_steps": cfg.bidirectional_steps(), **result.summary()})
     spec.stages.append(record)
     save_model(Loaded(model, loaded.tokenizer, spec), output, overwrite=overwrite, record=record)
     return result

@@ -36,8 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint dir or URL")
     p.add_argument("--data", help="corpus (default: stdlib:heldout)")
     p.add_argument("--mc-samples", type=int, help="Monte Carlo samples of t (default: 128)")
-    p.add_argument("--max-blocks", type=int, help="blocks evaluated (default: 32)")
-    p.add_argument("--seq-len", type=int, help="block length (default: 128)")
+    p.add_argument("--max-windows", "--max-blocks", dest="max_windows", type=int,
+                   help="windows evaluated, documents in order (default: 32)")
+    p.add_argument("--seq-len", type=int, help="window length, start token included (default: 128)")
+    p.add_argument("--stride", type=int, help="tokens scored per window after a document's first (default: half a window)")
     p.add_argument("--seed", type=int, help="seed (default: 0)")
     add_device(p)
     p.set_defaults(func=_eval)
@@ -67,6 +69,7 @@ def _eval(args) -> int:
     from dlm_factory.dlm.evaluation.corpus import EvalConfig, evaluate
 
     cfg = validated(lambda: with_values(EvalConfig(), data=args.data, mc_samples=args.mc_samples,
-                                  max_blocks=args.max_blocks, seq_len=args.seq_len, seed=args.seed))
+                                  max_windows=args.max_windows, seq_len=args.seq_len, stride=args.stride,
+                                        seed=args.seed))
     print(json.dumps(evaluate(args.model, cfg)))
     return 0

@@ -48,4 +48,6 @@ def validated(make):
         return make()
     except ValidationError as e:
         err = e.errors()[0]
-        raise FactoryError(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+        msg = err["msg"].removeprefix("Value error, ")
+        where = ".".join(map(str, err["loc"]))
+        raise FactoryError(f"invalid {where}: {msg}" if where else f"invalid settings: {msg}") from e

@@ -61,12 +61,12 @@ def test_empty_and_non_utf8_data(capsys, tmp_path, tiny_ar):
     empty.mkdir()
     (empty / "a.py").write_text("   \n")
     code, _, err = run(capsys, "convert", "--base-model", tiny_ar, "--output", str(tmp_path / "o1"),
-                       "--data", str(empty), "--steps", "1")
+                       "--data", str(empty), "--steps", "1", "--anneal-steps", "0")
     assert_one_line_error(code, err, "empty data")
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"def f():\n    return '\xff\xfe'\n")
     code, _, err = run(capsys, "convert", "--base-model", tiny_ar, "--output", str(tmp_path / "o2"),
-                       "--data", str(bad), "--steps", "1")
+                       "--data", str(bad), "--steps", "1", "--anneal-steps", "0")
     assert_one_line_error(code, err, "bad.txt", "not UTF-8")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert leftovers(tmp_path) == []
@@ -74,7 +74,7 @@ def test_empty_and_non_utf8_data(capsys, tmp_path, tiny_ar):
 
 def test_sequence_longer_than_positions(capsys, tmp_path, tiny_ar):
     code, _, err = run(capsys, "convert", "--base-model", tiny_ar, "--output", str(tmp_path / "o"),
-                       "--seq-len", "1024", "--steps", "1")
+                       "--seq-len", "1024", "--steps", "1", "--anneal-steps", "0")
     assert_one_line_error(code, err, "1024", "256 positions")
     code, _, err = run(capsys, "eval", "--model", tiny_ar, "--seq-len", "1024")
     assert_one_line_error(code, err, "1024", "256 positions")
@@ -83,27 +83,31 @@ def test_sequence_longer_than_positions(capsys, tmp_path, tiny_ar):
 def test_invalid_option_values(capsys, tmp_path, tiny_ar):
     code, _, err = run(capsys, "convert", "--base-model", tiny_ar, "--output", str(tmp_path / "o"), "--steps", "0")
     assert_one_line_error(code, err, "steps")
+    code, _, err = run(capsys, "convert", "--base-model", tiny_ar, "--output", str(tmp_path / "o"), "--steps", "10")
+    assert_one_line_error(code, err, "anneal_steps 100 must be below the training steps (10)")
+    assert "Value error" not in err and "invalid :" not in err
 
 
 def test_existing_output_is_not_overwritten(capsys, tmp_path, tiny_ar):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = run(capsys, "convert", "--base-model", tiny_ar, "--output", str(out), "--steps", "1",
+    code, _, err = run(capsys, "convert", "--base-model", tiny_ar, "--output", str(out), "--steps", "1", "--anneal-steps", "0",
                        "--data", "stdlib:heldout")
     assert_one_line_error(code, err, "already exists")
     assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_converting_a_diffusion_model_again_is_refused(capsys, tmp_path, tiny_dlm):
-    code, _, err = run(capsys, "convert", "--base-model", tiny_dlm, "--output", str(tmp_path / "o"), "--steps", "1")
+    code, _, err = run(capsys, "convert", "--base-model", tiny_dlm, "--output", str(tmp_path / "o"), "--steps", "1", "--anneal-steps", "0")
     assert_one_line_error(code, err, "already a diffusion model")
 
 
 def test_eval_prints_one_json_line_for_ar_and_dlm(capsys, tiny_ar, tiny_dlm):
     code, out, _ = run(capsys, "eval", "--model", tiny_ar, "--seq-len", "64", "--max-blocks", "4")
     ar = json.loads(out)
-    assert code == 0 and ar["kind"] == "nll" and ar["tokens"] == 4 * 63
+    # rolling windows of 64 over a long held-out file: 63 scored, then 32 per window with 32 of context
+    assert code == 0 and ar["kind"] == "nll" and ar["tokens"] == 63 + 3 * 32 and ar["windows"] == 4
     code, out, _ = run(capsys, "eval", "--model", tiny_dlm, "--seq-len", "64", "--max-blocks", "4",
                        "--mc-samples", "8")
     dlm = json.loads(out)

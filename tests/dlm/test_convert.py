@@ -17,7 +17,7 @@ from tests.conftest import tiny_convert_config
 from tests.dlm.helpers import plain_tokenizer, save_random_checkpoint
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gemma2", "granite", "cohere"])
 def test_convert_any_decoder_only_architecture(arch, tiny_ar, tmp_path):
     tok = load_model(tiny_ar).tokenizer
     base = save_random_checkpoint(arch, tok, tmp_path / f"{arch}-ar")
@@ -105,3 +105,44 @@ def test_tokenizer_digest_guards_the_spec(tiny_dlm, tmp_path):
     (copy / "diffusion.json").write_text(json.dumps(spec))
     with pytest.raises(FactoryError, match="tokenizer does not match"):
         load_model(copy)
+
+
+@pytest.mark.parametrize("arch,exact", [("llama", True), ("qwen2", True), ("gemma2", False), ("granite", False),
+                                        ("cohere", False)])
+def test_head_shortcut_only_where_it_equals_the_full_forward(arch, exact, tiny_ar, tmp_path):
+    """Families that rescale logits outside lm_head take the full forward; the loss is the same either way."""
+    from dlm_factory.dlm.diffusion.forward import output_head
+    from dlm_factory.dlm.diffusion.objective import ar_loss
+
+    tok = load_model(tiny_ar).tokenizer
+    loaded = load_model(save_random_checkpoint(arch, tok, tmp_path / arch))
+    assert (output_head(loaded.model) is not None) is exact
+    ids = torch.randint(10, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits[:, :-1]
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        got, n = ar_loss(loaded.model, ids)
+    assert n == 2 * 15 and float(got) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_gemma2_converts_with_eager_attention_and_the_float_mask_holds(tiny_ar, tmp_path):
+    tok = load_model(tiny_ar).tokenizer
+    out = tmp_path / "gemma2-dlm"
+    convert(str(save_random_checkpoint("gemma2", tok, tmp_path / "gemma2")), out,
+            tiny_convert_config(anneal_steps=1, max_chars=50_000, seq_len=16,
+                                train=TrainConfig(steps=2, batch_size=2, warmup_steps=1)), progress=False)
+    loaded = load_model(out)
+    assert loaded.model.config._attn_implementation == "eager"
+    den = ModelDenoiser(loaded)
+    ids = torch.randint(10, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 300
+    # bidirectional: a later token changes the prediction at an earlier position
+    assert not torch.allclose(den(ids)[0, 3], den(changed)[0, 3])
+
+
+def test_annealing_that_never_ends_is_refused(tiny_ar, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="anneal_steps 20 must be below"):
+        tiny_convert_config(anneal_steps=20)  # train.steps is 20 in the tiny config

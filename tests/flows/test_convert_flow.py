@@ -18,12 +18,12 @@ def test_convert_flow_converts_evaluates_and_reuses(prefect_harness, tiny_ar, tm
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path))
     cfg = tiny_convert_config(train=TrainConfig(steps=4, batch_size=4, warmup_steps=1), seq_len=32, max_chars=50_000)
-    ev = EvalConfig(seq_len=32, max_blocks=4, mc_samples=4)
+    ev = EvalConfig(seq_len=32, max_windows=4, mc_samples=4)
     out = convert_flow(base_model=tiny_ar, name="flow-dlm", convert_config=cfg, eval_config=ev)
     model = tmp_path / "models" / "flow-dlm"
     assert out["model"] == str(model) and (model / "diffusion.json").is_file()
     assert out["ar"]["kind"] == "nll" and out["dlm"]["kind"] == "elbo"
-    assert out["ar"]["tokens"] == out["dlm"]["tokens"] == 4 * 31
+    assert out["ar"]["tokens"] == out["dlm"]["tokens"] == 31 + 3 * 16  # rolling windows of 32, stride 16
     mtime = (model / "model.safetensors").stat().st_mtime_ns
 
     again = convert_flow(base_model=tiny_ar, name="flow-dlm", convert_config=cfg, eval_config=ev)
