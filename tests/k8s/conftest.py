@@ -81,3 +81,13 @@ def assert_restricted(pod: dict) -> None:
 @pytest.fixture(scope="session")
 def job_template() -> dict:
     return json.loads((K8S / "base-job-template.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """A temporary Prefect server (real API, SQLite) for this directory's tests; yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()

@@ -177,14 +177,6 @@ current-context: fake
     return point_at
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _in_flow(spec):
     from prefect import flow
 

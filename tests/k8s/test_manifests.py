@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.k8s.conftest import K8S, assert_restricted, kustomize, pod_specs, round_trip, validate_strict
+from tests.k8s.conftest import (
+    K8S,
+    assert_restricted,
+    kustomize,
+    pod_specs,
+    round_trip,
+    validate_strict,
+)
 
 OVERLAYS = ["base", "overlays/dev", "overlays/prod"]
 MANIFEST_FILES = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
