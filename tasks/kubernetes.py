@@ -54,7 +54,7 @@ _FATAL_WAITING = {"InvalidImageName", "CreateContainerConfigError", "ErrImageNev
 class DistributedJobSpec(BaseModel):
     """One multi-node training launch: N pods of G GPUs, each running torchrun on ``module``."""
 
-    name: str = Field(description="Job and Service name (DNS label, <= 40 characters)")
+    name: str = Field(description=f"Job and Service name (DNS label, <= {MAX_NAME} characters)")
     namespace: str = Field("dlm-factory", description="namespace of the job (where dlm-flow-run may create jobs)")
     image: str = Field(description="the trainer image (images/trainer), tagged with the git SHA")
     module: str = Field("dlm_factory.cli", description="Python module every rank runs (torchrun -m)")
