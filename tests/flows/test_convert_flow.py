@@ -17,7 +17,8 @@ def test_convert_flow_converts_evaluates_and_reuses(prefect_harness, tiny_ar, tm
     from dlm_factory.flows.convert import convert_flow
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path))
-    cfg = tiny_convert_config(train=TrainConfig(steps=4, batch_size=4, warmup_steps=1), seq_len=32, max_chars=50_000)
+    cfg = tiny_convert_config(train=TrainConfig(steps=4, batch_size=4, warmup_steps=1), seq_len=32, max_chars=50_000,
+                              anneal_steps=2)
     ev = EvalConfig(seq_len=32, max_windows=4, mc_samples=4)
     out = convert_flow(base_model=tiny_ar, name="flow-dlm", convert_config=cfg, eval_config=ev)
     model = tmp_path / "models" / "flow-dlm"
