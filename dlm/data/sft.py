@@ -15,13 +15,14 @@ import functools
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from dlm_factory.dlm.checkpoint.io import Loaded
 from dlm_factory.dlm.data.batching import collate
-from dlm_factory.dlm.data.chat import encode_chat
+from dlm_factory.dlm.data.chat import encode_chat, ensure_chat_template
 from dlm_factory.dlm.data.instructions import Example, load_examples
 from dlm_factory.dlm.errors import FactoryError
 
@@ -34,6 +35,7 @@ class Row:
     response: list[int]  # response tokens, without EOS
     source: str
     first_line: str  # first non-blank line of the reference response
+    messages: list[dict[str, str]] = field(default_factory=list)  # the conversation, for judges with own formats
 
 
 @dataclass
@@ -42,7 +44,7 @@ class LengthReport:
 
     too_long_responses: int = 0  # response + EOS longer than L
     long_prompts: int = 0  # dropped (stdlib) prompts longer than max_prompt_len
-    special_token_rows: int = 0  # dropped: the text contains the DLM's mask or pad tokens
+    special_token_rows: int = 0  # dropped: the text contains a special token (the same rows for every contender)
     rows: int = 0
     max_prompt_len: int = 0
     mean_prompt_tokens: float = 0.0
@@ -71,7 +73,7 @@ def encode(tokenizer, examples: list[Example], *, response_len: int, max_prompt_
         if len(r) + 1 > response_len:
             report.too_long_responses += 1
             continue
-        rows.append(Row(list(p), list(r), ex.source, ex.first_line))
+        rows.append(Row(list(p), list(r), ex.source, ex.first_line, ex.messages))
     report.rows = len(rows)
     if rows:
         report.mean_prompt_tokens = sum(len(r.prompt) for r in rows) / len(rows)
@@ -166,21 +168,34 @@ def _context(loaded: Loaded, response_len: int, max_prompt_len: int | None) -> i
     return max_prompt_len
 
 
+# Tokens the factory itself adds (rainbow pads, an added mask): every tokenizer of one lineage
+# refuses text containing them, so that contenders with and without them see the same rows.
+FACTORY_TOKENS = re.compile(r"<\|pad_\d+\|>|\[MASK\]")
+
+
+def has_special_text(tokenizer, text: str) -> bool:
+    """Whether ``text`` spells a special token of the tokenizer's lineage (it would tokenize to it)."""
+    return FACTORY_TOKENS.search(text) is not None or any(
+        s and s in text for s in tokenizer.all_special_tokens + [str(t) for t in tokenizer.added_tokens_decoder.values()])
+
+
 def prepare_rows(loaded: Loaded, src: str, *, response_len: int, max_prompt_len: int | None,
                  heldout_fraction: float, max_doc_chars: int, max_bad_fraction: float) -> tuple[list[Row], dict]:
-    """Load ``src`` and tokenize it for ``loaded`` (its chat template, its context)."""
+    """Load ``src`` and tokenize it for ``loaded`` (its chat template, installed if missing; its context)."""
+    ensure_chat_template(loaded.tokenizer)
     examples, report = load_examples(src, heldout_fraction=heldout_fraction, max_bad_fraction=max_bad_fraction,
                                      max_doc_chars=max_doc_chars)
     limit = _context(loaded, response_len, max_prompt_len)
-    rows, lengths = encode(loaded.tokenizer, examples, response_len=response_len, max_prompt_len=limit,
+    # Text that tokenizes to a special token (the mask, a pad, EOS) would corrupt the targets. Filtered on
+    # the text, before tokenizing, by one rule for the whole lineage: every contender sees the same rows.
+    clean = [ex for ex in examples if not any(has_special_text(loaded.tokenizer, m["content"])
+                                             for m in [*ex.messages, {"content": ex.response}])]
+    dropped = len(examples) - len(clean)
+    if dropped:
+        log.warning("%s: dropped %d examples whose text contains a special token", src, dropped)
+    rows, lengths = encode(loaded.tokenizer, clean, response_len=response_len, max_prompt_len=limit,
                            refuse_long_prompts=not src.startswith("stdlib"))
-    if loaded.spec is not None:  # text that tokenizes to the mask or a pad token would corrupt the targets
-        special = {loaded.spec.mask_token_id, *loaded.spec.pad_token_ids}
-        clean = [r for r in rows if not special.intersection(r.prompt) and not special.intersection(r.response)]
-        lengths.special_token_rows, rows = len(rows) - len(clean), clean
-        if lengths.special_token_rows:
-            log.warning("%s: dropped %d examples containing the mask token %r or a pad token", src,
-                        lengths.special_token_rows, loaded.spec.mask_token)
+    lengths.special_token_rows = dropped
     if lengths.too_long_responses:
         log.info("%s: dropped %d responses longer than %d tokens", src, lengths.too_long_responses, response_len - 1)
     if not rows:

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from dlm_factory.digest import tokenizer_digest
 from dlm_factory.dlm.checkpoint.io import Loaded, load_model
 from dlm_factory.dlm.checkpoint.record import lineage_root, read_record
 from dlm_factory.dlm.data.batching import collate, pad_id
-from dlm_factory.dlm.data.chat import ensure_chat_template
+from dlm_factory.dlm.data.chat import encode_chat, ensure_chat_template
 from dlm_factory.dlm.data.instructions import first_line
 from dlm_factory.dlm.data.sft import Row, ar_row, diffusion_row, prepare_rows
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
@@ -66,11 +65,13 @@ def heldout_rows(loaded: Loaded, cfg: InstructEvalConfig) -> tuple[list[Row], di
 def conditional_likelihood(loaded: Loaded, rows: list[Row], cfg: InstructEvalConfig) -> dict:
     """Bits per reference token (response + one EOS) of the reference responses given the prompts.
 
-    Diffusion: the ELBO of prompt + response + EOS padding to L with the prompt kept
-    (LLaDA/SMDM conditional bound), i.e. an upper bound on -log p(response) under the
-    fixed-length model, divided by the same token count as the AR figure. AR: exact NLL.
-    Rows are evaluated in length-sorted chunks (little padding); chunk i of the ELBO
-    uses seed + i, so chunks are independent and their variances add.
+    Diffusion, two bounds: ``bits_per_token`` is the ELBO of prompt + response + EOS with the
+    prompt kept (LLaDA/SMDM conditional bound on -log p(response, EOS | prompt)), over the
+    same tokens as the AR figure; ``padded_bits_per_token`` is the ELBO of the row padded to
+    L as SFT trains it (rainbow or EOS fill scored too), per padded token: only a tuned model
+    has learned the padding, so compare untuned and tuned models on the first. AR: exact NLL.
+    Rows are evaluated in length-sorted chunks (little padding); chunk i of each ELBO uses
+    seed + i, so chunks are independent and their variances add.
     """
     tok = loaded.tokenizer
     eos = tok.eos_token_id
@@ -78,18 +79,26 @@ def conditional_likelihood(loaded: Loaded, rows: list[Row], cfg: InstructEvalCon
     ref_tokens = sum(len(r.response) + 1 for r in rows)
     ordered = sorted(rows, key=lambda r: len(r.prompt) + len(r.response))
     chunks = [ordered[i : i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
-    bits = var = padded = 0.0
     if loaded.is_diffusion:
         denoiser = ModelDenoiser(loaded)
-        for i, chunk in enumerate(chunks):
-            b = collate([diffusion_row(r, cfg.response_len, eos, loaded.spec.pad_token_ids) for r in chunk], pad)
-            est = elbo(denoiser, b["input_ids"], attention_mask=b["attention_mask"], keep=b["prompt_mask"],
-                       n=cfg.mc_samples, seed=cfg.seed + i, batch_size=cfg.batch_size)
-            bits += est.bits_per_token * est.tokens  # total bound over the padded response tokens
-            var += (est.stderr * est.tokens) ** 2
-            padded += est.tokens
-        return {"kind": "elbo", "bits_per_token": bits / ref_tokens, "stderr": math.sqrt(var) / ref_tokens,
-                "tokens": ref_tokens, "padded_bits_per_token": bits / padded, "mc_samples": cfg.mc_samples}
+
+        def bound(make_row) -> tuple[float, float, int]:  # (bits/token, stderr, tokens) over all chunks
+            bits = var = count = 0.0
+            for i, chunk in enumerate(chunks):
+                b = collate([make_row(r) for r in chunk], pad)
+                est = elbo(denoiser, b["input_ids"], attention_mask=b["attention_mask"], keep=b["prompt_mask"],
+                           n=cfg.mc_samples, seed=cfg.seed + i, batch_size=cfg.batch_size)
+                bits += est.bits_per_token * est.tokens
+                var += (est.stderr * est.tokens) ** 2
+                count += est.tokens
+            return bits / count, math.sqrt(var) / count, int(count)
+
+        resp, resp_err, n = bound(lambda r: ar_row(r, eos))  # prompt + response + EOS: the AR figure's tokens
+        padded, padded_err, _ = bound(lambda r: diffusion_row(r, cfg.response_len, eos, loaded.spec.pad_token_ids))
+        assert n == ref_tokens
+        return {"kind": "elbo", "bits_per_token": resp, "stderr": resp_err, "tokens": ref_tokens,
+                "padded_bits_per_token": padded, "padded_stderr": padded_err, "mc_samples": cfg.mc_samples}
+    bits = 0.0
     for chunk in chunks:
         b = collate([ar_row(r, eos) for r in chunk], pad)
         est = ar_nll(loaded.model, b["input_ids"], attention_mask=b["attention_mask"], keep=b["prompt_mask"],
@@ -128,16 +137,14 @@ def generation_metrics(loaded: Loaded, rows: list[Row], outputs: list[list[int]]
     exact = sum(f == r.first_line for f, r in zip(firsts, rows, strict=True)) / len(rows)
     similar = sum(line_similarity(f, r.first_line) for f, r in zip(firsts, rows, strict=True)) / len(rows)
 
-    own_digest = tokenizer_digest(tok)
-
     def judged(j: Loaded | None) -> float | None:
+        """Every contender is scored the same way: the judge formats the conversation itself and
+        reads the response as text (ids of another tokenizer, or a second BOS, never reach it)."""
         if j is None:
             return None
-        if tokenizer_digest(j.tokenizer) == own_digest:
-            prompts, conts = [r.prompt for r in rows], outputs
-        else:  # re-tokenize text for a judge with another tokenizer
-            prompts = [j.tokenizer(tok.decode(r.prompt))["input_ids"] for r in rows]
-            conts = [j.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ensure_chat_template(j.tokenizer)
+        prompts = encode_chat(j.tokenizer, [r.messages for r in rows])
+        conts = [j.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         nll = judge_nll(j, prompts, conts)
         return None if math.isnan(nll) else nll
 

@@ -12,14 +12,16 @@ import torch
 
 from dlm_factory.dlm.checkpoint.io import Loaded
 from dlm_factory.dlm.data.batching import left_pad, pad_id
+from dlm_factory.dlm.data.corpus import Document, encode_documents
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.runtime import inference_autocast, model_device
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, Step, sample
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt (the tokenizer's own special-token convention)."""
-    return [list(tokenizer(p)["input_ids"]) for p in prompts]
+    """Token ids of each raw prompt as the start of a document, as training and evaluation see one:
+    the checkpoint's start token (BOS where the tokenizer adds it, else EOS) followed by the text."""
+    return encode_documents(tokenizer, [Document(f"prompt-{i}", p) for i, p in enumerate(prompts)])
 
 
 def generate(loaded, prompts: list[str], cfg: SamplerConfig, *,

@@ -354,20 +354,25 @@ def test_evaluate_dlm_and_ar(tiny_ar, tiny_dlm, jsonl, caplog):
     assert set(row) >= {"cond_bits_per_token", "parse_rate", "judge_nll", "exact_first_line", "first_line_similarity"}
 
 
-def test_generation_metrics_first_line_and_extra_judges(tiny_ar):
+def test_generation_metrics_first_line_and_extra_judges(tiny_ar, tiny_dlm):
     from dlm_factory.dlm.evaluation.instruct import generation_metrics, line_similarity
 
     assert line_similarity("abcd", "abce") == 0.75 and line_similarity("", "x") == 0.0
     assert line_similarity("return x", "return x") == 1.0
     ar = load_model(tiny_ar)
     tok = ar.tokenizer
-    rows = [Row(tok("Implement f.")["input_ids"], [], "a", "return x + 1"),
-            Row(tok("Implement g.")["input_ids"], [], "b", "return y")]
-    outs = [tok(t, add_special_tokens=False)["input_ids"] for t in ("\nreturn x + 1\nfoo()", "return z")]
+    rows = [Row(tok("Implement f.")["input_ids"], [], "a", "return x + 1", [{"role": "user", "content": "Implement f."}]),
+            Row(tok("Implement g.")["input_ids"], [], "b", "return y", [{"role": "user", "content": "Implement g."}])]
+    texts = ("\nreturn x + 1\nfoo()", "return z")
+    outs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     g = generation_metrics(ar, rows, outs, ar, {"again": ar})
     assert g["exact_first_line"] == 0.5  # blank lines before the first line do not count
     assert g["first_line_similarity"] == pytest.approx((1 + 7 / 8) / 2)  # "return z" vs "return y": 2*7/16
     assert g["judge_nll_again"] == pytest.approx(g["judge_nll"]) and g["judge_nll"] > 0
+    # A contender with another tokenizer (the DLM's, with its mask) is scored the same way for the same text.
+    dlm = load_model(tiny_dlm)
+    dlm_outs = [dlm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert generation_metrics(dlm, rows, dlm_outs, ar)["judge_nll"] == pytest.approx(g["judge_nll"], abs=1e-6)
 
 
 def test_cli_instruct_and_eval(tiny_ar, tiny_dlm, jsonl, tmp_path, capsys):
@@ -388,3 +393,25 @@ def test_cli_instruct_and_eval(tiny_ar, tiny_dlm, jsonl, tmp_path, capsys):
                  "--mc-samples", "2", "--response-len", "16"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == 4 and result["template"] == "default" and result["judge"] == tiny_ar
+
+
+def test_every_contender_sees_the_same_rows(tiny_ar, tiny_dlm, tmp_path):
+    """Rows are filtered on the text by one rule for the lineage, not per model's special ids."""
+    from dlm_factory.dlm.data.sft import prepare_rows
+    from dlm_factory.dlm.stages.instruct import ensure_pad_tokens
+
+    lines = [{"prompt": f"Implement `f{i}(x)`.", "response": f"return x + {i}"} for i in range(6)]
+    lines[1]["response"] = "return '<|pad_3|>'"  # a pad only the tuned DLM has
+    lines[2]["prompt"] = "Say <|endoftext|>."  # a special token of the base tokenizer
+    lines[3]["response"] = "return '[MASK]'"
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    dlm = load_model(tiny_dlm)
+    ensure_pad_tokens(dlm, 7)
+    kw = dict(response_len=16, max_prompt_len=None, heldout_fraction=0.05, max_doc_chars=300, max_bad_fraction=0.0)
+    sources = {}
+    for name, loaded in [("ar", load_model(tiny_ar)), ("dlm", dlm)]:
+        rows, report = prepare_rows(loaded, str(data), **kw)
+        sources[name] = [r.source for r in rows]
+        assert report["special_token_rows"] == 3
+    assert sources["ar"] == sources["dlm"] and len(sources["ar"]) == 3
