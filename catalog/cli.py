@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CatalogError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_safe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1029,7 +1029,7 @@ class Catalog:
                 if ref.user:
                     check_name(ref.user)
             except CatalogError as e:
-                log.warning("skipping %s: %s", key, e)
+                log.warning("skipping %r: %s", key, e)
                 continue
             refs.append(ref)
         pointers = sorted({r.pointer for r in refs})
