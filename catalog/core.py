@@ -475,7 +475,7 @@ class Catalog:
         pulled files are copies (never links into the cache). ``dest`` must not exist or be
         empty; ``force`` replaces a dir that an earlier pull created (it holds
         ``.catalog-pull.json``), never anything else. With a trust policy, every version (an
-        ensemble and each member) must pass it before anything is downloaded.
+        ensemble and each member) must pass it before any of its files is downloaded.
         """
         r = Ref.parse(ref, user)
         dest = self._check_dest(dest, force)
@@ -496,25 +496,26 @@ class Catalog:
                     got = self._fetch(mref, mman, progress)
                     stats = (stats[0] + got[0], stats[1] + got[1])
 
-            tmp = dest.parent / f".{dest.name[:64]}.partial-{uuid.uuid4().hex[:8]}"
-            made = _missing_ancestor(dest.parent)
+        tmp = dest.parent / f".{dest.name[:64]}.partial-{uuid.uuid4().hex[:8]}"
+        made = _missing_ancestor(dest.parent)
+        try:
             try:
-                try:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    tmp.mkdir()
-                except OSError as e:
-                    raise CatalogError(f"cannot create {dest}: {e.strerror or e}") from None
-                self._build(tmp, parts)
-                (tmp / PULL_MARKER).write_text(json.dumps({"ref": str(r), "digest": manifest.digest,
-                                                           "root": self.url}) + "\n")
-                _swap_into_place(tmp, dest, force)
-            except BaseException:
-                if made is not None:  # parents this pull created (and left empty): gone again
-                    _remove_empty_dirs(dest.parent, made)
-                raise
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp.mkdir()
+            except OSError as e:
+                raise CatalogError(f"cannot create {dest}: {e.strerror or e}") from None
+            self._build(tmp, parts)
+            marker = json.dumps({"ref": str(r), "digest": manifest.digest, "root": self.url}) + "\n"
+            try:
+                _write_new(tmp / PULL_MARKER, marker.encode(), 0o644)
+            except OSError as e:
+                raise CatalogError(f"cannot write {tmp / PULL_MARKER}: {e.strerror or e}") from None
+            _swap_into_place(tmp, dest, force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if made is not None:  # parents this pull created (now empty again): removed
+                _remove_empty_dirs(dest.parent, made)
+            raise
         members = {p.sub.split("/", 1)[1]: dest / p.sub for p in parts if p.sub}
         log.info("pulled %s into %s", r, dest)
         return Pulled(ref=str(r), path=dest, manifest=manifest, members=members,
@@ -1205,10 +1206,10 @@ class _Part:
     sig: bytes | None
 
 
-def _write_new(path: Path, data: bytes) -> None:
+def _write_new(path: Path, data: bytes, mode: int = 0o444) -> None:
     """Write ``data`` into a file that must not exist yet (never through or over a path)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except FileExistsError:
         raise CatalogError(f"{path}: already exists; refusing to write over it") from None
     with os.fdopen(fd, "wb") as f:

@@ -160,7 +160,9 @@ def test_weight_redirects_are_refused_at_publish_and_pull(root, cat, hostile, vi
     hostile.forge("redirect", files)
     before = snapshot(tmp_path)
     _refused(capsys, root, "pull", "redirect", str(tmp_path / "dest"), needle="safetensors")
-    assert not (tmp_path / "dest").exists()
+    with pytest.raises(CatalogError, match="safetensors"):  # refused after download: parents it made go too
+        cat.pull("redirect", tmp_path / "new" / "deep" / "dest")
+    assert not (tmp_path / "dest").exists() and not (tmp_path / "new").exists()
     assert_untouched(before, snapshot(tmp_path), *_caches(tmp_path))
 
 
