@@ -6,22 +6,25 @@ Layout under the cache dir (default ``$FACTORY_HOME/cache/catalog``, or
     blobs/<sha[:2]>/<sha256>     verified, read-only
     partial/<sha256>.part        a download in progress or interrupted (resumed by range)
 
-A blob enters ``blobs/`` only by rename after its sha256 matched, so every blob is a
-verified file. Its mtime is stamped at verification with a marker in the nanoseconds
-(``VERIFIED_NS``); any later write through a hardlink of it resets the mtime, so a blob
-whose size or marker is off is re-hashed before reuse. (Stamping costs one utime call; a
-sidecar file per blob cost milliseconds on a busy ext4.) Pulled directories hardlink blobs
-(copy across filesystems).
+A blob enters ``blobs/`` only by rename after its sha256 matched. Its mtime is stamped at
+verification with a marker in the nanoseconds (``VERIFIED_NS``), so a blob whose size or
+marker is off is re-hashed before it counts as present (no download needed). That stamp is
+only a hint: a blob modified with its mtime restored still carries it. What makes a pulled
+file trustworthy is :meth:`BlobCache.place`: it *copies* the blob (a reflink where the
+filesystem can, else bytes) into a new file that did not exist before, hashing what lands
+there, and a blob whose bytes do not match is removed so that the pull fetches it again.
+Pulled files never share an inode with the cache (a write to a pulled file cannot reach the
+cache or any other pull), and nothing is ever written through or over an existing path.
 Concurrent pulls of one blob serialize on an flock of its partial file. The cache can be
 deleted at any time. It is not fsynced: after a power loss, delete it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -152,14 +155,69 @@ class BlobCache:
                 raise err
         return sum(s.downloaded for s in sinks)
 
-    def place(self, entry: FileEntry, dest: Path) -> None:
-        """Put the blob for ``entry`` at ``dest`` (hardlink; copy across filesystems)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(self.blob(entry.sha256), dest)
-        except OSError:
-            shutil.copyfile(self.blob(entry.sha256), dest)
-            os.chmod(dest, 0o444)
+    def place(self, entry: FileEntry, dest: Path) -> bool:
+        """Copy the blob for ``entry`` into the new file ``dest`` (read-only), checking its sha256.
 
-    def read(self, entry: FileEntry) -> bytes:
-        return self.blob(entry.sha256).read_bytes()
+        ``dest`` must not exist: it is created with O_EXCL|O_NOFOLLOW, so nothing is ever
+        written through a link or over another file (a collision raises CatalogError). The copy
+        is a reflink (FICLONE) where the filesystem supports it, else a byte copy; either way
+        the bytes that landed in ``dest`` are hashed. False (``dest`` and the blob removed, so
+        the caller can fetch it again) when they do not match ``entry``.
+        """
+        try:
+            src = os.open(self.blob(entry.sha256), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, OSError):
+            return False
+        try:
+            try:
+                fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                raise CatalogError(f"{dest}: already exists; refusing to write over it") from None
+            try:
+                h, size = _clone_or_copy(src, fd)
+                os.fchmod(fd, 0o444)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(src)
+        if size == entry.size and h == entry.sha256:
+            return True
+        dest.unlink(missing_ok=True)
+        self.blob(entry.sha256).unlink(missing_ok=True)
+        return False
+
+    def read(self, entry: FileEntry) -> bytes | None:
+        """The blob's bytes if they match ``entry`` (a mismatching blob is removed), else None."""
+        try:
+            data = self.blob(entry.sha256).read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) == entry.size and hashlib.sha256(data).hexdigest() == entry.sha256:
+            return data
+        self.blob(entry.sha256).unlink(missing_ok=True)
+        return None
+
+
+_FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, XFS, bcachefs)
+
+
+def _clone_or_copy(src: int, dst: int) -> tuple[str, int]:
+    """Reflink ``src`` into ``dst`` where possible, else copy; return (sha256, size) of ``dst``."""
+    h, size = hashlib.sha256(), 0
+    try:
+        fcntl.ioctl(dst, _FICLONE, src)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                           errno.EBADF, errno.EPERM):
+            raise
+        while data := os.read(src, CHUNK):  # hash the bytes we write: they are what dest holds
+            h.update(data)
+            size += len(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view):]
+        return h.hexdigest(), size
+    while data := os.pread(dst, CHUNK, size):  # a clone: hash what dest now holds
+        h.update(data)
+        size += len(data)
+    return h.hexdigest(), size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Any
 
@@ -49,16 +50,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tag", action="append", default=[], help="card tag (repeatable)")
     p.add_argument("--license", default="apache-2.0")
     p.add_argument("--lineage", metavar="FILE", help="JSON file with lineage fields (data_digests, config, ...)")
+    sign = p.add_mutually_exclusive_group()
+    sign.add_argument("--sign-key", metavar="PEM",
+                      help="EC private key that signs the version (default: $FACTORY_SIGNING_KEY, else "
+                           "$FACTORY_HOME/keys/catalog-signing.pem, created on first use)")
+    sign.add_argument("--no-sign", action="store_true", help="publish without a signature")
     p.set_defaults(func=_publish)
 
-    p = sub.add_parser("pull", parents=[common], help="download and verify a version into DEST",
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trusted-key", action="append", default=[], metavar="PEM",
+                       help="public key whose signatures are trusted (repeatable; also $FACTORY_TRUSTED_KEYS)")
+    trust.add_argument("--require-signed", action="store_true",
+                       help="refuse a version (or ensemble member) not signed by a trusted key")
+    trust.add_argument("--policy", metavar="FILE",
+                       help='trust policy JSON {"require_signed": true, "trusted_keys": [...]} '
+                            "(default: $FACTORY_CATALOG_POLICY)")
+
+    p = sub.add_parser("pull", parents=[common, trust], help="download and verify a version into DEST",
                        description="Resolve NAME[:VERSION] (default latest), download through the local cache, "
                                    "verify every sha256, then rename the complete dir to DEST. Ensemble "
                                    "members land in DEST/members/<name>/.")
     p.add_argument("ref", metavar="NAME[:VERSION]")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--user", metavar="ID", help=user_help)
-    p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    p.add_argument("--force", action="store_true", help="replace DEST if an earlier pull created it")
     p.set_defaults(func=_pull)
 
     p = sub.add_parser("list", parents=[common], help="list published models",
@@ -75,7 +90,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user", metavar="ID", help=user_help)
     p.set_defaults(func=_show)
 
-    p = sub.add_parser("verify", parents=[common], help="re-hash a stored version in place",
+    p = sub.add_parser("verify", parents=[common, trust], help="re-hash a stored version in place",
                        description="Exit 0 when every file (and every ensemble member) matches its manifest; "
                                    "exit 2 naming each bad file otherwise.")
     p.add_argument("ref", metavar="NAME[:VERSION]")
@@ -101,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CatalogError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -114,8 +129,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _catalog(args):
     from dlm_factory.catalog.core import Catalog
+    from dlm_factory.catalog.signing import TrustPolicy
 
-    return Catalog(args.root)
+    kw: dict[str, Any] = {}
+    if getattr(args, "no_sign", False):
+        kw["sign_key"] = False
+    elif getattr(args, "sign_key", None):
+        kw["sign_key"] = args.sign_key
+    if hasattr(args, "trusted_key"):
+        trust = TrustPolicy.build(args.trusted_key, args.require_signed, args.policy)
+        kw["trust"] = trust if trust is not None else False
+    return Catalog(args.root, **kw)
 
 
 def _progress(args):
@@ -125,11 +149,14 @@ def _progress(args):
 def _publish(args) -> int:
     lineage = None
     if args.lineage:
+        from dlm_factory.catalog.schema import load_json
+
         try:
-            with open(args.lineage) as f:
-                lineage = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CatalogError(f"--lineage {args.lineage}: {e}") from None
+            with open(args.lineage, "rb") as f:
+                raw = f.read(1 << 24)
+        except OSError as e:
+            raise CatalogError(f"--lineage {args.lineage}: {e.strerror or e}") from None
+        lineage = load_json(raw, f"--lineage {args.lineage}")
         if not isinstance(lineage, dict):
             raise CatalogError(f"--lineage {args.lineage}: expected a JSON object")
     res = _catalog(args).publish(args.dir, args.name, kind=args.kind, user=args.user, base_model=args.base_model,
@@ -149,8 +176,9 @@ def _pull(args) -> int:
         _print_json(res.model_dump(mode="json", exclude={"manifest"}) | {"digest": res.manifest.digest})
     else:
         members = f", {len(res.members)} members" if res.members else ""
-        print(f"pulled {res.ref} into {res.path} ({_size(res.downloaded_bytes)} downloaded, "
-              f"{res.cached_files} files from cache{members}); every sha256 verified")
+        signed = f", signed by key {res.signed_by}" if res.signed_by else ""
+        print(f"pulled {res.ref} into {printable(res.path)} ({_size(res.downloaded_bytes)} downloaded, "
+              f"{res.cached_files} files from cache{members}); every sha256 verified{signed}")
     return 0
 
 
@@ -160,7 +188,7 @@ def _list(args) -> int:
     if args.json:
         _print_json([r.model_dump(mode="json") for r in rows])
         return 0
-    table = [[r.name, r.version + (" *" if r.latest else ""), r.kind, r.user or "-", r.base_model or "-",
+    table = [[r.name, r.version + (" *" if r.latest else ""), r.kind, r.user or "-", printable(r.base_model or "-"),
               _size(r.size), r.created.strftime("%Y-%m-%d %H:%M")] for r in rows]
     print(_table(["NAME", "VERSION", "KIND", "USER", "BASE MODEL", "SIZE", "CREATED (UTC)"], table))
     if not rows:
@@ -180,10 +208,11 @@ def _show(args) -> int:
             ["user", m.user or "-"], ["digest", m.digest], ["size", f"{_size(m.size)} in {len(m.files)} files"],
             ["created", m.created.isoformat()], ["flow run", lin.flow_run_id or "-"],
             ["git sha", lin.git_sha or "-"], ["image", lin.image or "-"]]
+    rows += [["base model", m.base_model or "-"], ["license", m.license], ["tags", ", ".join(m.tags) or "-"]]
     rows += [[f"data {k}", v] for k, v in sorted(lin.data_digests.items())]
-    print(_table(["FIELD", "VALUE"], rows))
+    print(_table(["FIELD", "VALUE"], [[printable(a), printable(b)] for a, b in rows]))
     print()
-    print(res.card)
+    print(printable(res.card, keep="\n"))
     return 0
 
 
@@ -193,27 +222,40 @@ def _verify(args) -> int:
         _print_json(res.model_dump(mode="json") | {"ok": True})
     else:
         members = f" (+ members {', '.join(res.members)})" if res.members else ""
-        print(f"ok {res.ref}{members}: {res.files} files, {_size(res.bytes)}, every sha256 matches")
+        signed = f", signed by key {res.signed_by}" if res.signed_by else ""
+        print(f"ok {res.ref}{members}: {res.files} files, {_size(res.bytes)}, every sha256 matches{signed}")
     return 0
 
 
 def _gc(args) -> int:
-    if args.older_than < 0:
-        raise CatalogError("--older-than must be >= 0")
+    if not math.isfinite(args.older_than) or args.older_than < 0:
+        raise CatalogError(f"--older-than must be a finite number of hours >= 0, not {args.older_than}")
     res = _catalog(args).gc(apply=args.apply, older_than_s=args.older_than * 3600.0)
     if args.json:
         _print_json(res.model_dump(mode="json") | {"bytes": res.bytes})
         return 0
-    rows = [[i.what, i.key, _size(i.bytes), f"{i.age_s / 3600:.1f}h", i.reason] for i in res.items]
+    rows = [[i.what, printable(i.key), _size(i.bytes), f"{i.age_s / 3600:.1f}h", i.reason] for i in res.items]
+    rows += [["skipped", printable(s.key), "-", "-", printable(s.reason)] for s in res.skipped]
     print(_table(["WHAT", "KEY", "SIZE", "AGE", "REASON"], rows))
     verb = "deleted" if res.applied else "would delete"
     hint = "" if res.applied else " (dry run: pass --apply to delete)"
-    print(f"{verb} {len(res.items)} items, {_size(res.bytes)}{hint}")
+    skipped = f"; skipped {len(res.skipped)} keys it cannot use" if res.skipped else ""
+    print(f"{verb} {len(res.items)} items, {_size(res.bytes)}{hint}{skipped}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
+
+
+def printable(value: object, keep: str = "") -> str:
+    """``value`` as text with every control character escaped (what a bucket writer put into a
+    manifest must not drive the terminal); characters in ``keep`` (e.g. newlines) stay."""
+    text = str(value)
+    if text.isprintable() and not keep:
+        return text
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def _print_json(obj: Any) -> None:

@@ -18,9 +18,11 @@ so different contents never share a version dir and re-publishing is a no-op.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -48,6 +50,7 @@ from dlm_factory.catalog.schema import (
     KINDS,
     MANIFEST_FILE,
     RESERVED_MODEL_NAMES,
+    SIGNATURE_FILE,
     Content,
     EnsembleMember,
     EnsembleSpec,
@@ -60,12 +63,18 @@ from dlm_factory.catalog.schema import (
     canonical_json,
     check_digest,
     check_file_path,
+    check_json_depth,
+    check_layout,
     check_name,
+    check_text,
     check_version,
+    check_weight_files,
+    load_json,
     manifest_bytes,
     parse_ensemble,
     parse_manifest,
 )
+from dlm_factory.catalog.signing import Signer, TrustPolicy
 from dlm_factory.catalog.store import ObjectMissing, StorageError, Store
 from dlm_factory.digest import sha256_file
 from dlm_factory.home import factory_home
@@ -73,8 +82,14 @@ from dlm_factory.home import factory_home
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval_results.json"  # optional in a published dir: a list of EvalResult
+PULL_MARKER = ".catalog-pull.json"  # in every pulled dir: what --force may replace
 DEFAULT_WORKERS = 16
 GC_DEFAULT_AGE_S = 24 * 3600.0
+
+
+def _now() -> float:
+    """The clock of pointer marks and gc (one place, so tests can move it)."""
+    return time.time()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +142,10 @@ class Ref:
     def dir(self) -> str:
         return f"{self.prefix}/{self.version}"
 
+    def mark(self, version: str | None = None) -> str:
+        """Key recording when ``version`` was last named by this name's ``latest`` pointer."""
+        return f"{self.pointer.rsplit('/', 1)[0]}/pointed/{version or self.version}"
+
     def __str__(self) -> str:
         who = f"{self.user}/" if self.user else ""
         return f"{who}{self.name}:{self.version}"
@@ -159,6 +178,7 @@ class Pulled(_Result):
     members: dict[str, Path]  # ensemble member name -> its dir (inside path/members/)
     downloaded_bytes: int
     cached_files: int
+    signed_by: str | None = None  # fingerprint of the trusted key that signed it (trust policy)
 
 
 class VersionInfo(_Result):
@@ -191,6 +211,7 @@ class Verified(_Result):
     files: int
     bytes: int
     members: list[str]
+    signed_by: str | None = None  # fingerprint of the trusted key that signed it (trust policy)
 
 
 class GcItem(_Result):
@@ -201,10 +222,16 @@ class GcItem(_Result):
     reason: str
 
 
+class GcSkip(_Result):
+    key: str  # a key gc could not use or delete (reported, never fatal)
+    reason: str
+
+
 class GcReport(_Result):
     applied: bool
     older_than_s: float
     items: list[GcItem]
+    skipped: list[GcSkip] = []
 
     @property
     def bytes(self) -> int:
@@ -240,6 +267,7 @@ def detect_lineage(lineage: Lineage | dict | None = None) -> Lineage:
     if isinstance(lineage, Lineage):
         values = lineage.model_dump()
     else:
+        check_json_depth(lineage, "lineage")
         try:
             values = Lineage(**(lineage or {})).model_dump()
         except ValidationError as e:
@@ -281,12 +309,18 @@ class Catalog:
     """
 
     def __init__(self, root: str | os.PathLike | None = None, *, fs=None, cache_dir: str | os.PathLike | None = None,
-                 workers: int | None = None, part_size: int | None = None):
+                 workers: int | None = None, part_size: int | None = None,
+                 sign_key: str | os.PathLike | Signer | bool | None = None,
+                 trust: TrustPolicy | bool | None = None):
         url = os.fspath(root) if root is not None else default_root()
         self.store = Store(url, fs, **({"part_size": part_size} if part_size else {}))
         self.url = self.store.url
         self.cache = BlobCache(Path(cache_dir) if cache_dir else default_cache_dir())
         self.workers = workers or int(os.environ.get("FACTORY_CATALOG_WORKERS", DEFAULT_WORKERS))
+        # Signing (publish): a key path or Signer; None: $FACTORY_SIGNING_KEY, else the embedded
+        # default key; False: publish unsigned. Trust (pull, verify): None reads the environment.
+        self._sign_key = sign_key
+        self.trust = None if trust is False else trust if trust is not None else TrustPolicy.build()
 
     def __repr__(self) -> str:
         return f"Catalog({self.url!r})"
@@ -307,6 +341,7 @@ class Catalog:
         """
         # Everything about the request is checked before the store is touched.
         check_name(name)
+        check_text(base_model, "base model")
         if user is not None:
             check_name(user, "user id")
         if kind not in KINDS:
@@ -334,6 +369,9 @@ class Catalog:
         spec = parse_ensemble((src / ENSEMBLE_FILE).read_bytes(), str(src / ENSEMBLE_FILE)) \
             if kind == "ensemble" else None
         eval_list = _load_evals(src, evals)
+        signer = self._signer()
+        if signer is not None:
+            signer.prepare()
         sizes = {rel: p.stat().st_size for rel, p in files}
         hashing = Progress(f"hash {name}", sum(sizes.values()), progress)
         with ThreadPoolExecutor(self.workers) as pool:
@@ -365,9 +403,13 @@ class Catalog:
 
             existing = self._manifest_if_any(ref)
             if existing is not None:
+                self._sign_once(ref, signer)
                 self._point_latest(ref)
-                log.info("%s is already published (%s)", ref, digest)
-                return self._published(ref, existing, created=False)
+                if self._manifest_if_any(ref) is not None:
+                    log.info("%s is already published (%s)", ref, digest)
+                    return self._published(ref, existing, created=False)
+                # gc unpublished it between our read and the pointer move: publish it again.
+                log.warning("%s was collected while it was re-published; uploading it again", ref)
 
             card = render_card(name, ref.version, content, spec)
             card_entry = FileEntry(path=CARD_FILE, size=len(card), sha256=_sha256_bytes(card))
@@ -396,6 +438,8 @@ class Catalog:
                 manifest = self._manifest_if_any(ref)
                 if manifest is None:
                     raise StorageError(f"{ref}: MANIFEST.json exists but cannot be read")
+            checkpoint("sign")
+            self._sign_once(ref, signer)
             checkpoint("pointer")
             self._point_latest(ref, check=False)
             checkpoint("done")
@@ -427,45 +471,142 @@ class Catalog:
         """Download ``ref`` into ``dest``, every sha256 verified before the dir appears.
 
         An ensemble's members land in ``dest/members/<member name>/``. Files come from (and go
-        into) the local blob cache, so a second pull of the same version downloads nothing.
-        ``dest`` must not exist or be empty unless ``force`` (then it is replaced).
+        into) the local blob cache, so a second pull of the same version downloads nothing;
+        pulled files are copies (never links into the cache). ``dest`` must not exist or be
+        empty; ``force`` replaces a dir that an earlier pull created (it holds
+        ``.catalog-pull.json``), never anything else. With a trust policy, every version (an
+        ensemble and each member) must pass it before any of its files is downloaded.
         """
         r = Ref.parse(ref, user)
-        dest = Path(dest).expanduser().absolute()
-        if dest == Path(dest.anchor):
-            raise CatalogError(f"refusing to pull into {dest}")
-        if dest.exists() and not force and (not dest.is_dir() or any(dest.iterdir())):
-            raise CatalogError(f"destination {dest} exists and is not empty (use --force to replace it)")
+        dest = self._check_dest(dest, force)
 
         with self._storage("pulling"):
             manifest, raw = self._resolve(r)
             r = r.at(manifest.version)
-            parts: list[tuple[str, Ref, Manifest, bytes]] = [("", r, manifest, raw)]
+            sig, signed_by = self._signature(r, raw)
+            parts: list[_Part] = [_Part("", r, manifest, raw, sig)]
             stats = self._fetch(r, manifest, progress)
             if manifest.kind == "ensemble":
-                spec = parse_ensemble(self.cache.read(manifest.file(ENSEMBLE_FILE)), f"{r}/{ENSEMBLE_FILE}")
+                spec_raw = self._cached_bytes(r, manifest.file(ENSEMBLE_FILE))
+                spec = parse_ensemble(spec_raw, f"{r}/{ENSEMBLE_FILE}")
                 for member in spec.members:
                     mref, mman, mraw = self._member(r, member)
-                    parts.append((f"members/{member.name}", mref, mman, mraw))
+                    msig, _ = self._signature(mref, mraw)
+                    parts.append(_Part(f"members/{member.name}", mref, mman, mraw, msig))
                     got = self._fetch(mref, mman, progress)
                     stats = (stats[0] + got[0], stats[1] + got[1])
 
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp = dest.parent / f".{dest.name[:64]}.partial-{uuid.uuid4().hex[:8]}"
+        made = _missing_ancestor(dest.parent)
         try:
-            for sub, _pref, m, mraw in parts:
-                base = tmp / sub if sub else tmp
-                for f in m.files:
-                    self.cache.place(f, base / f.path)
-                (base / MANIFEST_FILE).write_bytes(mraw)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp.mkdir()
+            except OSError as e:
+                raise CatalogError(f"cannot create {dest}: {e.strerror or e}") from None
+            self._build(tmp, parts)
+            marker = json.dumps({"ref": str(r), "digest": manifest.digest, "root": self.url}) + "\n"
+            try:
+                _write_new(tmp / PULL_MARKER, marker.encode(), 0o644)
+            except OSError as e:
+                raise CatalogError(f"cannot write {tmp / PULL_MARKER}: {e.strerror or e}") from None
             _swap_into_place(tmp, dest, force)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        members = {sub.split("/", 1)[1]: dest / sub for sub, *_ in parts if sub}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if made is not None:  # parents this pull created (now empty again): removed
+                _remove_empty_dirs(dest.parent, made)
+            raise
+        members = {p.sub.split("/", 1)[1]: dest / p.sub for p in parts if p.sub}
         log.info("pulled %s into %s", r, dest)
         return Pulled(ref=str(r), path=dest, manifest=manifest, members=members,
-                      downloaded_bytes=stats[0], cached_files=stats[1])
+                      downloaded_bytes=stats[0], cached_files=stats[1], signed_by=signed_by)
+
+    def _check_dest(self, dest: str | os.PathLike, force: bool) -> Path:
+        """Normalize ``dest`` and refuse what a pull must never write or replace."""
+        text = os.fspath(dest) if isinstance(dest, str | os.PathLike) else None
+        if not text or "\x00" in str(text):
+            raise CatalogError(f"invalid destination {dest!r}")
+        path = Path(os.path.abspath(os.path.expanduser(text)))  # "x/.." is the cwd: seen as such
+        if path == Path(path.anchor):
+            raise CatalogError(f"refusing to pull into {path}")
+        if len(os.fsencode(path.name)) > 255:
+            raise CatalogError(f"destination name {path.name[:40]}... is too long (at most 255 bytes)")
+        try:
+            path = path.parent.resolve() / path.name
+            protected = {Path.cwd().resolve(): "the current directory", factory_home().resolve(): "FACTORY_HOME"}
+            if self.store.local:
+                protected[Path(self.store.base).resolve()] = "the catalog root"
+            protected[self.cache.root.resolve()] = "the blob cache"
+            for place, what in protected.items():
+                if place == path or place.is_relative_to(path):
+                    raise CatalogError(f"refusing to pull into {path}: it is or holds {what}")
+                if what in ("the catalog root", "the blob cache") and path.is_relative_to(place):
+                    raise CatalogError(f"refusing to pull into {path}: it is inside {what}")
+            above = path.parent  # the nearest existing ancestor must be a directory
+            while not above.exists() and not above.is_symlink() and above != above.parent:
+                above = above.parent
+            if not above.is_dir():
+                raise CatalogError(f"cannot create {path}: {above} is not a directory")
+            if path.is_symlink():
+                raise CatalogError(f"destination {path} is a symlink; refusing to replace it")
+            if path.exists():
+                if not path.is_dir():
+                    raise CatalogError(f"destination {path} exists and is not a directory")
+                if any(path.iterdir()):
+                    if not force:
+                        raise CatalogError(f"destination {path} exists and is not empty "
+                                           f"(use --force to replace an earlier pull)")
+                    if not _is_pulled_dir(path):
+                        raise CatalogError(f"destination {path} was not created by a pull (no {PULL_MARKER}); "
+                                           f"--force only replaces earlier pulls")
+        except OSError as e:
+            raise CatalogError(f"cannot use destination {path}: {e.strerror or e}") from None
+        return path
+
+    def _cached_bytes(self, ref: Ref, entry: FileEntry) -> bytes:
+        """A file of ``ref`` from the verified cache (fetched again if the cached copy is bad)."""
+        data = self.cache.read(entry)
+        if data is None:
+            self.cache.fetch_many(self.store, [(f"{ref.dir}/{entry.path}", entry, f"{ref}/{entry.path}")],
+                                  self.workers)
+            data = self.cache.read(entry)
+        if data is None:
+            raise CatalogError(f"{ref}/{entry.path}: the cached copy does not match its sha256")
+        return data
+
+    def _build(self, tmp: Path, parts: list[_Part]) -> None:
+        """Lay out every part under ``tmp``: verified copies, MANIFEST.json (+ signature). A blob
+        found corrupt while copying is fetched again once; a second mismatch is an error."""
+        try:
+            for attempt in (1, 2):
+                bad = []
+                for part in parts:
+                    base = tmp / part.sub if part.sub else tmp
+                    for f in part.manifest.files:
+                        target = base / f.path
+                        if attempt == 2 and target.exists():
+                            continue
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        if not self.cache.place(f, target):
+                            bad.append((part, f))
+                if not bad:
+                    break
+                if attempt == 2:
+                    part, f = bad[0]
+                    raise CatalogError(f"{part.ref}/{f.path}: the cached copy does not match its sha256")
+                log.warning("%d cached file(s) did not match their sha256; fetching them again", len(bad))
+                with self._storage("pulling"):
+                    self.cache.fetch_many(self.store, [(f"{p.ref.dir}/{f.path}", f, f"{p.ref}/{f.path}")
+                                                       for p, f in bad], self.workers)
+            for part in parts:
+                base = tmp / part.sub if part.sub else tmp
+                _write_new(base / MANIFEST_FILE, part.raw)
+                if part.sig is not None:
+                    _write_new(base / SIGNATURE_FILE, part.sig)
+                paths = [f.path for f in part.manifest.files]
+                check_weight_files(paths, lambda p, b=base: (b / p).read_bytes(), str(part.ref))
+        except OSError as e:
+            raise CatalogError(f"cannot write the pulled files ({e.strerror or e}: {e.filename})") from None
 
     # -- browse -------------------------------------------------------------------------------
 
@@ -535,8 +676,9 @@ class Catalog:
         """
         r = Ref.parse(ref, user)
         with self._storage("verifying"):
-            m, _ = self._resolve(r)
+            m, mraw = self._resolve(r)
             r = r.at(m.version)
+            signed_by = self._signature(r, mraw)[1]
             todo: list[tuple[Ref, Manifest]] = [(r, m)]
             bad = []
             if m.kind == "ensemble":
@@ -545,7 +687,8 @@ class Catalog:
                     bad.append(f"{ENSEMBLE_FILE}: missing or checksum mismatch")
                 else:
                     for member in parse_ensemble(raw, f"{r}/{ENSEMBLE_FILE}").members:
-                        mref, mman, _ = self._member(r, member)
+                        mref, mman, member_raw = self._member(r, member)
+                        self._signature(mref, member_raw)
                         todo.append((mref, mman))
             total = sum(x.size for _, man in todo for x in man.files)
             checking = Progress(f"verify {r}", total, progress)
@@ -556,7 +699,7 @@ class Catalog:
         if bad:
             raise CatalogError(f"verify {r} failed: {'; '.join(bad)}")
         return Verified(ref=str(r), files=sum(len(man.files) for _, man in todo), bytes=total,
-                        members=[str(x) for x, _ in todo[1:]])
+                        members=[str(x) for x, _ in todo[1:]], signed_by=signed_by)
 
     # -- gc -----------------------------------------------------------------------------------
 
@@ -565,18 +708,31 @@ class Catalog:
 
         - staging leftovers: ``.staging/`` temp files, version dirs without MANIFEST.json,
           incomplete S3 multipart uploads;
-        - versions not reachable from any ``latest`` pointer or from a kept ensemble's members.
+        - versions not reachable from any ``latest`` pointer or from a kept ensemble's members,
+          and not pointed to within the threshold (pointer moves leave a time mark on both the
+          old and the new version: a reader may still be pulling what ``latest`` named a minute
+          ago) nor published within it.
 
-        A version is deleted MANIFEST.json first, so a crash mid-gc leaves staging, never a
-        half version. Run it when no publish older than the threshold is still in flight.
+        Refuses to run while a pointer or a kept ENSEMBLE.json is unreadable. Keys that are not
+        valid catalog keys are skipped and reported, never fatal. Just before a version is
+        deleted its pointer and time mark are read again; it is unpublished MANIFEST.json first,
+        and its manifest is put back if a pointer moved to it meanwhile.
         """
-        if older_than_s < 0:
-            raise CatalogError("older_than must be >= 0")
-        now = time.time()
+        if not isinstance(older_than_s, int | float) or not math.isfinite(older_than_s) or older_than_s < 0:
+            raise CatalogError(f"older_than must be a finite number >= 0, not {older_than_s!r}")
+        now = _now()
         items: list[GcItem] = []
+        skipped: list[GcSkip] = []
         with self._storage("collecting garbage"):
             objects = self.store.find("")
-            manifests, latest = self._scan(objects)
+            for key in list(objects):
+                try:
+                    self.store.path(key)
+                except CatalogError as e:
+                    skipped.append(GcSkip(key=key, reason=str(e)))
+                    del objects[key]
+            manifests, latest = self._scan(objects, strict=True)
+            marks = self._marks(objects)
             # 1. Group objects by the version dir (or staging area) they belong to.
             groups: dict[str, list[str]] = {}
             for key in objects:
@@ -588,54 +744,140 @@ class Catalog:
                 elif parts[0] == "ensembles" and len(parts) >= 5:
                     groups.setdefault("/".join(parts[:4]), []).append(key)
             published = {ref.dir: (ref, m) for ref, m in manifests}
+            for ref, _ in manifests:  # a version's time mark goes with it
+                if ref.mark() in objects:
+                    groups.setdefault(ref.dir, []).append(ref.mark())
             for vdir, keys in groups.items():
                 if vdir not in published and f"{vdir}/{MANIFEST_FILE}" not in keys:
                     items.append(self._gc_item("staging", vdir, keys, objects, now, "no MANIFEST.json"))
             for key, upload_id, age in self.store.stale_uploads(older_than_s, now):
                 items.append(GcItem(what="upload", key=f"{key}#{upload_id}", bytes=0, age_s=age,
                                     reason="incomplete multipart upload"))
-            # 2. Reachability: latest pointers, young versions, members of kept ensembles.
-            keep = {ref.dir for ref, _ in manifests if latest.get(ref.pointer) == ref.version}
-            keep |= {ref.dir for ref, m in manifests if now - m.created.timestamp() < older_than_s}
-            for ref, m in manifests:
-                if ref.dir in keep and m.kind == "ensemble":
-                    raw = self.store.read(f"{ref.dir}/{ENSEMBLE_FILE}")
-                    entry = m.file(ENSEMBLE_FILE)
-                    if raw is None or _sha256_bytes(raw) != entry.sha256:
-                        raise CatalogError(f"{ref}/{ENSEMBLE_FILE}: checksum mismatch; fix it before gc")
-                    for member in parse_ensemble(raw, f"{ref}/{ENSEMBLE_FILE}").members:
-                        keep.add(Ref(member.name, member.version).dir)
+            # 2. Reachability: pointers, recently pointed or published versions, kept ensembles' members.
+            keep = self._reachable(manifests, latest, marks, now, older_than_s)
             for vdir in sorted(published):
-                if vdir not in keep:
+                if vdir not in keep:  # its age: since it was published or last pointed to
+                    newest = max(objects.get(f"{vdir}/{MANIFEST_FILE}", (0, 0.0))[1],
+                                 published[vdir][1].created.timestamp(), marks.get(vdir, 0.0))
                     items.append(self._gc_item("version", vdir, groups.get(vdir, []), objects, now,
-                                               "not referenced by a pointer or an ensemble"))
+                                               "not referenced by a pointer or an ensemble", newest))
             items = [i for i in items if i.what == "upload" or i.age_s >= older_than_s]
             items.sort(key=lambda i: (i.what, i.key))
             if apply:
+                # Pointers may have moved since the scan: read them (and the marks) again.
+                pointers = sorted({r.pointer for r, _ in manifests})
+                fresh = {k: v.decode(errors="replace").strip()
+                         for k, v in self.store.read_many(pointers).items() if v is not None}
+                keep |= self._reachable(manifests, fresh, self._marks(self.store.find("refs/")), _now(),
+                                        older_than_s)
+                done = []
                 for item in items:
-                    self._gc_apply(item, groups, objects)
-        return GcReport(applied=apply, older_than_s=older_than_s, items=items)
+                    if item.what == "version" and item.key in keep:
+                        continue
+                    try:
+                        with self._storage(f"deleting {item.key}"):
+                            if self._gc_apply(item, groups, published, older_than_s):
+                                done.append(item)
+                    except CatalogError as e:
+                        skipped.append(GcSkip(key=item.key, reason=str(e)))
+                items = done
+        return GcReport(applied=apply, older_than_s=older_than_s, items=items, skipped=skipped)
 
-    def _gc_item(self, what, key, keys, objects, now, reason) -> GcItem:
-        newest = max((objects[k][1] for k in keys), default=now)
-        if what == "version":  # age of a published version: its manifest time
-            newest = objects.get(f"{key}/{MANIFEST_FILE}", (0, newest))[1]
-        return GcItem(what=what, key=key, bytes=sum(objects[k][0] for k in keys), age_s=now - newest,
-                      reason=reason)
+    def _marks(self, objects: dict[str, tuple[int, float]]) -> dict[str, float]:
+        """Version dir -> when a pointer last named it (refs/.../pointed/<version>): the later of
+        the time written in the mark and the object's own mtime."""
+        keys = {}
+        for key in objects:
+            parts = key.split("/")
+            if parts[0] != "refs" or len(parts) < 4 or parts[-2] != "pointed":
+                continue
+            if len(parts) == 4:
+                ref = Ref(parts[1], parts[3])
+            elif len(parts) == 6 and parts[1] == "ensembles":
+                ref = Ref(parts[3], parts[5], parts[2])
+            else:
+                continue
+            try:
+                check_name(ref.name)
+                check_version(ref.version)
+                if ref.user:
+                    check_name(ref.user)
+            except CatalogError:
+                continue
+            keys[key] = ref
+        raws = self.store.read_many(sorted(keys))
+        out: dict[str, float] = {}
+        for key, ref in keys.items():
+            when = objects.get(key, (0, 0.0))[1]
+            with contextlib.suppress(ValueError, AttributeError):
+                value = float(raws.get(key).decode("ascii").strip())
+                when = max(when, value) if math.isfinite(value) else when
+            out[ref.dir] = max(out.get(ref.dir, 0.0), when)
+        return out
 
-    def _gc_apply(self, item: GcItem, groups: dict[str, list[str]], objects) -> None:
+    def _reachable(self, manifests: list[tuple[Ref, Manifest]], latest: dict[str, str], marks: dict[str, float],
+                   now: float, older_than_s: float) -> set[str]:
+        """Version dirs gc keeps: pointed to now or within the threshold, published within it,
+        and every member of an ensemble kept for those reasons."""
+        keep = {ref.dir for ref, _ in manifests if latest.get(ref.pointer) == ref.version}
+        keep |= {vdir for vdir, when in marks.items() if now - when < older_than_s}
+        keep |= {ref.dir for ref, m in manifests if now - m.created.timestamp() < older_than_s}
+        for ref, m in manifests:
+            if ref.dir in keep and m.kind == "ensemble":
+                raw = self.store.read(f"{ref.dir}/{ENSEMBLE_FILE}")
+                entry = m.file(ENSEMBLE_FILE)
+                if raw is None or _sha256_bytes(raw) != entry.sha256:
+                    raise CatalogError(f"{ref}/{ENSEMBLE_FILE}: checksum mismatch; fix it before gc")
+                for member in parse_ensemble(raw, f"{ref}/{ENSEMBLE_FILE}").members:
+                    keep.add(Ref(member.name, member.version).dir)
+        return keep
+
+    def _gc_item(self, what, key, keys, objects, now, reason, newest: float | None = None) -> GcItem:
+        if newest is None:
+            newest = max((objects[k][1] for k in keys if k in objects), default=now)
+        return GcItem(what=what, key=key, bytes=sum(objects[k][0] for k in keys if k in objects),
+                      age_s=now - newest, reason=reason)
+
+    def _gc_apply(self, item: GcItem, groups: dict[str, list[str]],
+                  published: dict[str, tuple[Ref, Manifest]], older_than_s: float) -> bool:
+        """Delete one item; False when a version turned out to be in use (left as it was)."""
         if item.what == "upload":
             key, _, upload_id = item.key.rpartition("#")
             self.store.abort_upload(key, upload_id)
         elif item.what == "staging" and item.key.startswith(".staging/"):
             self.store.delete([item.key])
-        else:
+        elif item.what == "staging":
             keys = groups.get(item.key, [])
+            if f"{item.key}/{MANIFEST_FILE}" in keys or self.store.read(f"{item.key}/{MANIFEST_FILE}") is not None:
+                return False  # published since the scan
+            self.store.delete(keys)
+        else:
+            ref, _ = published[item.key]
+            if self._in_use(ref, older_than_s):
+                return False
             manifest = f"{item.key}/{MANIFEST_FILE}"
-            if manifest in keys:  # unpublish first: readers stop seeing it atomically
-                self.store.delete([manifest])
-            self.store.delete([k for k in keys if k != manifest])
+            raw = self.store.read(manifest)
+            self.store.delete([manifest])  # unpublish first: readers stop seeing it atomically
+            if self._in_use(ref, older_than_s):  # a pointer moved to it meanwhile: put it back
+                if raw is not None:
+                    self.store.create(manifest, raw)
+                log.warning("gc: %s was pointed to while being collected; kept", ref)
+                return False
+            self.store.delete([k for k in groups.get(item.key, []) if k != manifest])
         log.info("gc: deleted %s %s", item.what, item.key)
+        return True
+
+    def _in_use(self, ref: Ref, older_than_s: float) -> bool:
+        """Read now: does ``latest`` name ``ref``, or did it within the threshold?"""
+        raws = self.store.read_many([ref.pointer, ref.mark()])
+        pointer = raws[ref.pointer]
+        if pointer is not None and pointer.decode("ascii", "replace").strip() == ref.version:
+            return True
+        mark = raws[ref.mark()]
+        with contextlib.suppress(ValueError):
+            if mark is not None and _now() - float(mark.decode("ascii", "replace").strip()) < older_than_s:
+                return True
+        return False
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -699,11 +941,48 @@ class Catalog:
         return mref, m, raw
 
     def _point_latest(self, ref: Ref, check: bool = True) -> None:
-        if check:
-            current = self.store.read(ref.pointer)
-            if current is not None and current.decode(errors="replace").strip() == ref.version:
-                return
+        """Move ``latest`` to ``ref.version``. First mark the time on the version it leaves (it
+        was pointed to until now: a reader may have just resolved it) and on the new one; gc
+        keeps every version pointed to within its threshold."""
+        raw = self.store.read(ref.pointer)
+        current = raw.decode("ascii", "replace").strip() if raw is not None else None
+        if check and current == ref.version:
+            return
+        stamp = f"{_now():.3f}\n".encode()
+        if current and current != ref.version:
+            with contextlib.suppress(CatalogError):  # a garbage pointer names no version to mark
+                check_version(current)
+                self.store.write(ref.mark(current), stamp)
+        self.store.write(ref.mark(), stamp)
         self.store.write(ref.pointer, f"{ref.version}\n".encode())
+
+    def _signer(self) -> Signer | None:
+        if self._sign_key is False:
+            return None
+        if isinstance(self._sign_key, Signer):
+            return self._sign_key
+        if self._sign_key is None or self._sign_key is True:
+            return Signer.default()
+        return Signer(self._sign_key)
+
+    def _sign_once(self, ref: Ref, signer: Signer | None) -> None:
+        """Sign the stored MANIFEST.json of ``ref`` unless a signature is already there."""
+        if signer is None or self.store.read(f"{ref.dir}/{SIGNATURE_FILE}") is not None:
+            return
+        raw = self.store.read(f"{ref.dir}/{MANIFEST_FILE}")
+        if raw is None:
+            return
+        parse_manifest(raw, str(ref))  # never sign bytes that are not a valid manifest
+        if self.store.create(f"{ref.dir}/{SIGNATURE_FILE}", signer.sign(raw)):
+            log.info("signed %s with %s", ref, signer)
+
+    def _signature(self, ref: Ref, raw: bytes) -> tuple[bytes | None, str | None]:
+        """The stored signature of ``ref`` and the trusted key that made it (None: unsigned or
+        no trust policy). Refuses what the trust policy refuses."""
+        sig = self.store.read(f"{ref.dir}/{SIGNATURE_FILE}")
+        if self.trust is None:
+            return sig, None
+        return sig, self.trust.check(str(ref), raw, sig)
 
     def _resolve_parents(self, specs: list, ensemble: EnsembleSpec | None) -> list[Parent]:
         out: list[Parent] = []
@@ -730,9 +1009,10 @@ class Catalog:
                 out.append(Parent(digest=m.digest, name=m.name, version=m.version, role="base"))
         return out
 
-    def _scan(self, keys: Iterable[str]) -> tuple[list[tuple[Ref, Manifest]], dict[str, str]]:
+    def _scan(self, keys: Iterable[str], strict: bool = False) -> tuple[list[tuple[Ref, Manifest]], dict[str, str]]:
         """Published versions among ``keys`` (corrupt manifests are logged and skipped) and the
-        ``latest`` pointer of each name found: (versions, pointer key -> version)."""
+        ``latest`` pointer of each name found: (versions, pointer key -> version). ``strict``
+        (gc): a pointer that exists but names no valid version is an error."""
         refs = []
         for key in keys:
             parts = key.split("/")
@@ -750,7 +1030,7 @@ class Catalog:
                 if ref.user:
                     check_name(ref.user)
             except CatalogError as e:
-                log.warning("skipping %s: %s", key, e)
+                log.warning("skipping %r: %s", key, e)
                 continue
             refs.append(ref)
         pointers = sorted({r.pointer for r in refs})
@@ -764,6 +1044,12 @@ class Catalog:
             except CatalogError as e:
                 log.warning("skipping %s: %s", ref, e)
         latest = {k: raws[k].decode(errors="replace").strip() for k in pointers if raws[k] is not None}
+        if strict:
+            for k, v in latest.items():
+                try:
+                    check_version(v)
+                except CatalogError:
+                    raise CatalogError(f"corrupt pointer {k} in {self.url}: fix it before gc") from None
         return manifests, latest
 
     def _fetch(self, ref: Ref, m: Manifest, progress: ProgressArg) -> tuple[int, int]:
@@ -869,8 +1155,10 @@ def _scan_source(src: Path, kind: str) -> list[tuple[str, Path]]:
         dirnames.sort()
         for fname in sorted(filenames):
             rel = rel_dir + fname
-            if fname.startswith(".") or rel in (CARD_FILE, MANIFEST_FILE):
+            if fname.startswith(".") or rel in (CARD_FILE, MANIFEST_FILE, SIGNATURE_FILE):
                 continue
+            if (here / fname).is_symlink():  # it could name any file the publisher can read
+                raise CatalogError(f"{here / fname}: symlinks are not published (copy the file: cp -L)")
             check_file_path(rel)
             if not (here / fname).is_file():
                 raise CatalogError(f"{here / fname}: not a regular file")
@@ -878,6 +1166,9 @@ def _scan_source(src: Path, kind: str) -> list[tuple[str, Path]]:
     if not out:
         raise CatalogError(f"{src}: nothing to publish")
     names = {rel for rel, _ in out}
+    check_layout(sorted(names), kind)
+    local = dict(out)
+    check_weight_files(sorted(names), lambda rel: local[rel].read_bytes(), str(src))
     if kind == "ensemble" and ENSEMBLE_FILE not in names:
         raise CatalogError(f"{src}: an ensemble dir needs {ENSEMBLE_FILE}")
     if kind != "ensemble" and not any(rel.endswith(".safetensors") for rel in names):
@@ -893,10 +1184,7 @@ def _load_evals(src: Path, evals: Iterable[EvalResult | dict] | None) -> list[Ev
         if not path.is_file():
             return []
         where = str(path)
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CatalogError(f"{path}: invalid JSON ({e})") from None
+        data = load_json(path.read_bytes(), str(path))
         evals = data.get("results", []) if isinstance(data, dict) else data
         if not isinstance(evals, list):
             raise CatalogError(f"{path}: expected a list of eval results")
@@ -907,26 +1195,78 @@ def _load_evals(src: Path, evals: Iterable[EvalResult | dict] | None) -> list[Ev
         raise CatalogError(f"{where}: invalid eval result ({msg})") from None
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One version laid out by pull: at ``sub`` ("" or members/<name>) under DEST."""
+
+    sub: str
+    ref: Ref
+    manifest: Manifest
+    raw: bytes
+    sig: bytes | None
+
+
+def _write_new(path: Path, data: bytes, mode: int = 0o444) -> None:
+    """Write ``data`` into a file that must not exist yet (never through or over a path)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise CatalogError(f"{path}: already exists; refusing to write over it") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _missing_ancestor(path: Path) -> Path | None:
+    """The topmost ancestor-or-self of ``path`` that does not exist (None if it exists)."""
+    top = None
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        top, path = path, path.parent
+    return top
+
+
+def _remove_empty_dirs(path: Path, top: Path) -> None:
+    """rmdir ``path`` and its parents up to ``top`` included, stopping at the first non-empty."""
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top or path == path.parent:
+            return
+        path = path.parent
+
+
+def _is_pulled_dir(path: Path) -> bool:
+    marker = path / PULL_MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
 def _swap_into_place(tmp: Path, dest: Path, force: bool) -> None:
-    """Rename the complete ``tmp`` dir to ``dest``; an existing ``dest`` is replaced (force) or,
-    when empty, removed first."""
+    """Rename the complete ``tmp`` dir to ``dest``. An empty ``dest`` dir is replaced by the
+    rename itself; a non-empty one only with ``force`` and only when an earlier pull made it
+    (moved aside, then deleted). Anything that appeared meanwhile (a concurrent pull) is an
+    error, never a traceback, and leaves ``dest`` as it was."""
     aside = None
-    if dest.is_dir() and not dest.is_symlink():
-        if any(dest.iterdir()):
+    try:
+        if dest.is_dir() and not dest.is_symlink() and any(dest.iterdir()):
             if not force:
                 raise CatalogError(f"destination {dest} exists and is not empty (use --force to replace it)")
-            aside = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            if not _is_pulled_dir(dest):
+                raise CatalogError(f"destination {dest} was not created by a pull (no {PULL_MARKER}); "
+                                   f"--force only replaces earlier pulls")
+            aside = dest.parent / f".{dest.name[:64]}.old-{uuid.uuid4().hex[:8]}"
             os.rename(dest, aside)
-        else:
-            dest.rmdir()
-    elif dest.exists() or dest.is_symlink():
-        if not force:
-            raise CatalogError(f"destination {dest} exists (use --force to replace it)")
-        aside = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(dest, aside)
-    os.rename(tmp, dest)
+        elif dest.exists() or dest.is_symlink():
+            if not dest.is_dir() or dest.is_symlink():
+                raise CatalogError(f"destination {dest} exists and is not a directory")
+        os.rename(tmp, dest)
+    except OSError as e:
+        if aside is not None and not dest.exists():
+            with contextlib.suppress(OSError):
+                os.rename(aside, dest)
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise CatalogError(f"destination {dest} appeared while pulling (another pull into it?); "
+                               f"left as it is") from None
+        raise CatalogError(f"cannot move the pulled files to {dest}: {e.strerror or e}") from None
     if aside is not None:
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink()
+        shutil.rmtree(aside, ignore_errors=True)

@@ -58,6 +58,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MANIFEST_FILE = "MANIFEST.json"
 CARD_FILE = "README.md"
 ENSEMBLE_FILE = "ENSEMBLE.json"
+SIGNATURE_FILE = "MANIFEST.json.sig"  # beside MANIFEST.json: a model-signing bundle over its bytes
+# Pull writes MANIFEST.json (and the signature) into DEST and an ensemble's members under
+# members/<name>/: no stored file may take those places (compared case-insensitively, for
+# case-insensitive filesystems).
+RESERVED_PATHS = (MANIFEST_FILE.lower(), SIGNATURE_FILE.lower())
+MEMBERS_DIR = "members"
+MAX_JSON_DEPTH = 64  # lineage config, eval results, ENSEMBLE.json router: deeper is refused
+MAX_TEXT = 256  # base_model and other one-line card fields
 RESERVED_MODEL_NAMES = ("ensembles",)  # refs/ensembles/ holds the per-user ensemble pointers
 
 
@@ -96,6 +104,100 @@ def check_file_path(value: object) -> str:
     if value.lower().endswith(PICKLE_SUFFIXES):
         raise CatalogError(f"refusing pickle-format file {value}: safetensors only")
     return value
+
+
+def check_text(value: object, what: str) -> str | None:
+    """A one-line printable field (base_model, ...): no control characters, at most MAX_TEXT."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT or not value.isprintable():
+        raise CatalogError(f"invalid {what} {_short(value)}: expected 1-{MAX_TEXT} printable characters")
+    return value
+
+
+def check_json_depth(obj: Any, where: str, limit: int = MAX_JSON_DEPTH) -> Any:
+    """Refuse JSON nested deeper than ``limit`` (iterative: never a RecursionError)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth > limit:
+                raise CatalogError(f"{where}: JSON nested deeper than {limit} levels")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return obj
+
+
+def load_json(raw: bytes | str, where: str) -> Any:
+    """``json.loads`` for untrusted bytes: one CatalogError line for bad or too deeply nested JSON."""
+    try:
+        return check_json_depth(json.loads(raw), where)
+    except RecursionError:
+        raise CatalogError(f"{where}: JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CatalogError(f"{where}: invalid JSON ({str(e)[:200]})") from None
+
+
+def check_layout(paths: list[str], kind: str) -> None:
+    """Paths that cannot all exist in one directory, or that take a place pull writes itself.
+
+    Refused: MANIFEST.json and its signature (any case), ``members`` and ``members/...`` in an
+    ensemble (its members are pulled there), a path nested under another file
+    (``config.json`` and ``config.json/x.json``), and paths equal but for case.
+    """
+    seen: dict[str, str] = {}
+    for p in paths:
+        if p.lower() in RESERVED_PATHS:
+            raise CatalogError(f"file path {p!r} is reserved (the catalog writes it)")
+        if kind == "ensemble" and p.split("/")[0].lower() == MEMBERS_DIR:
+            raise CatalogError(f"file path {p!r} is reserved in an ensemble (members are pulled into {MEMBERS_DIR}/)")
+        if p.lower() in seen:
+            raise CatalogError(f"file paths {seen[p.lower()]!r} and {p!r} differ only by case")
+        seen[p.lower()] = p
+    for p in paths:
+        parts = p.lower().split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in seen:
+                raise CatalogError(f"file path {p!r} is nested under the file {seen['/'.join(parts[:i])]!r}")
+
+
+def check_weight_files(paths: list[str], read, where: str) -> None:
+    """Safetensors only, by content and not only by extension: what a loader would follow.
+
+    ``read(path) -> bytes`` returns a listed file's (verified) bytes. Refused: a weight index
+    (``*.index.json``) whose ``weight_map`` names anything but ``.safetensors`` files listed in
+    the same version (a pickle shard, a path outside the dir); a ``config.json`` that redirects
+    the weights (``transformers_weights``); an ``adapter_config.json`` without
+    ``adapter_model.safetensors`` beside it (PEFT would fall back to a pickle).
+    """
+    listed = set(paths)
+    for p in sorted(listed):
+        folder, _, fname = p.rpartition("/")
+        prefix = folder + "/" if folder else ""
+        if fname.endswith(".index.json"):
+            data = load_json(read(p), f"{where}/{p}")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CatalogError(f"{where}/{p}: a weight index needs a non-empty weight_map")
+            for target in sorted({str(t) for t in weight_map.values()}):
+                rel = prefix + target
+                if not target.endswith(".safetensors") or not _is_plain_path(rel) or rel not in listed:
+                    raise CatalogError(f"{where}/{p}: weight_map names {_short(target)}, not a "
+                                       f".safetensors file of this version (safetensors only)")
+        elif fname == "config.json":
+            data = load_json(read(p), f"{where}/{p}")
+            if isinstance(data, dict) and "transformers_weights" in data:
+                raise CatalogError(f"{where}/{p}: transformers_weights redirects the weights; refused "
+                                   f"(safetensors only, from the files the catalog lists)")
+        elif fname == "adapter_config.json" and prefix + "adapter_model.safetensors" not in listed:
+            raise CatalogError(f"{where}/{p}: an adapter needs adapter_model.safetensors beside it")
+
+
+def _is_plain_path(rel: str) -> bool:
+    try:
+        check_file_path(rel)
+    except CatalogError:
+        return False
+    return True
 
 
 def _pyd(check):
@@ -201,6 +303,12 @@ class Manifest(_Model):
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):
             raise ValueError("duplicate file paths")
+        try:
+            check_layout(paths, self.kind)
+            check_text(self.base_model, "base_model")
+            check_json_depth(self.lineage.config, "lineage.config")
+        except CatalogError as e:
+            raise ValueError(str(e)) from None
         if CARD_FILE not in paths:
             raise ValueError(f"{CARD_FILE} missing from files")
         if self.kind == "ensemble" and (self.user is None or ENSEMBLE_FILE not in paths):
@@ -257,6 +365,10 @@ class EnsembleSpec(_Model):
         unknown = set(self.combination.weights) - set(names)
         if unknown:
             raise ValueError(f"weights for unknown members: {sorted(unknown)}")
+        try:
+            check_json_depth([self.router, self.combination.model_extra], "router/combination")
+        except CatalogError as e:
+            raise ValueError(str(e)) from None
         return self
 
     @classmethod
@@ -313,6 +425,8 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         m = Manifest.model_validate_json(raw)
     except ValidationError as e:
         raise CatalogError(f"{where}: corrupt {MANIFEST_FILE} ({_first_error(e)})") from None
+    except RecursionError:
+        raise CatalogError(f"{where}: corrupt {MANIFEST_FILE} (nested too deeply)") from None
     if manifest_bytes(m) != raw:
         raise CatalogError(f"{where}: corrupt {MANIFEST_FILE} (bytes are not canonical)")
     return m
@@ -323,6 +437,8 @@ def parse_ensemble(raw: bytes, where: str) -> EnsembleSpec:
         return EnsembleSpec.model_validate_json(raw)
     except ValidationError as e:
         raise CatalogError(f"{where}: invalid {ENSEMBLE_FILE} ({_first_error(e)})") from None
+    except RecursionError:
+        raise CatalogError(f"{where}: invalid {ENSEMBLE_FILE} (nested too deeply)") from None
 
 
 def _first_error(e: ValidationError) -> str:

@@ -67,15 +67,29 @@ def _fetch_fsspec(url: str, patterns: tuple[str, ...]) -> Path:
                 for remote in fs.find(root):
                     rel = remote[len(root.rstrip("/")) + 1 :]
                     if any(Path(rel).match(p) for p in patterns):
-                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                        fs.get(remote, str(tmp / rel))
+                        local = _contained(tmp, rel, url)
+                        local.parent.mkdir(parents=True, exist_ok=True)
+                        fs.get(remote, str(local))
             else:
-                fs.get(root, str(tmp / Path(root).name))
+                fs.get(root, str(_contained(tmp, Path(root).name, url)))
     except FactoryError:
         raise
     except Exception as e:  # network, credentials, missing bucket: one clear line
         raise FactoryError(f"{url}: cannot fetch ({type(e).__name__}: {e})") from e
     return _single_file_or_dir(dest)
+
+
+def _contained(base: Path, rel: str, url: str) -> Path:
+    """``base / rel`` for an object key's relative path, refusing any that could leave ``base``:
+    absolute, empty or ``.``/``..`` parts (``a//b``, ``a/../../x``), NUL or backslash."""
+    parts = rel.split("/")
+    if (not rel or rel.startswith("/") or "\x00" in rel or "\\" in rel
+            or any(p in ("", ".", "..") for p in parts)):
+        raise FactoryError(f"{url}: refusing object {rel!r}: its path would leave the download dir")
+    path = base.joinpath(*parts)
+    if not path.resolve().is_relative_to(base.resolve()):  # a second line of defence
+        raise FactoryError(f"{url}: refusing object {rel!r}: its path would leave the download dir")
+    return path
 
 
 def _single_file_or_dir(dest: Path) -> Path:

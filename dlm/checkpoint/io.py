@@ -24,6 +24,7 @@ from dlm_factory.digest import tokenizer_digest
 from dlm_factory.dlm import runtime
 from dlm_factory.dlm.checkpoint.record import RECORD_FILE, StageRecord
 from dlm_factory.dlm.checkpoint.spec import SPEC_FILE, DiffusionSpec
+from dlm_factory.dlm.checkpoint.weights import weight_files
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import atomic_dir, materialize
 
@@ -80,10 +81,7 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     where = os.fspath(src)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise FactoryError(f"{where}: not a checkpoint directory (no config.json)")
-    if not any(path.glob("*.safetensors")):
-        pickled = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
-        why = f"only pickle weights ({', '.join(sorted(pickled))}) which are refused" if pickled else "no weights"
-        raise FactoryError(f"{where}: no *.safetensors weights ({why})")
+    weight_files(path, where)  # safetensors only: the files transformers will read, each checked
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from dlm_factory.catalog.cli import printable
 from dlm_factory.catalog.errors import CatalogError
 from dlm_factory.dlm.errors import FactoryError
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             runtime.configure(args.device)  # device, precision policy and ranks, once per process
         return int(args.func(args) or 0)
     except (FactoryError, CatalogError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)  # control characters escaped: one line
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -50,3 +50,11 @@ def cat(root, tmp_path):
     from dlm_factory.catalog import Catalog
 
     return Catalog(root, cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture
+def hostile(cat):
+    """A bucket writer who forges self-consistent manifests, pointers and signatures."""
+    from tests.catalog.hostile import HostileWriter
+
+    return HostileWriter(cat)

@@ -22,7 +22,7 @@ from tests.catalog.worker import Worker
 # (phase, n): the n-th checkpoint of that phase. The source has 7 payload files + the card, so
 # upload:8 is the card; verify:5 is mid-verification.
 INJECTED = [("upload", 1), ("upload", 4), ("upload", 8), ("verify", 1), ("verify", 5), ("manifest", 1),
-            ("pointer", 1), ("done", 1)]
+            ("sign", 1), ("pointer", 1), ("done", 1)]
 RANDOM_KILLS = 8
 
 
@@ -39,7 +39,8 @@ def _check_invariants(cat: Catalog, name: str, expected: dict[str, bytes], tmp_p
         assert "no published model" in str(e), e
         assert not dest.exists()
         return "unpointed" if listed else "none"
-    got = {p.name: p.read_bytes() for p in dest.iterdir() if p.name not in ("README.md", "MANIFEST.json")}
+    got = {p.name: p.read_bytes() for p in dest.iterdir()
+           if p.name not in ("README.md", "MANIFEST.json", "MANIFEST.json.sig", ".catalog-pull.json")}
     assert got == expected
     return "latest"
 
@@ -81,7 +82,10 @@ def test_sigkill_at_any_point_never_leaves_a_partial_version(root, tmp_path):
 
     states = dict(seen)
     assert states["upload:1"] == states["verify:5"] == states["manifest:1"] == "none"
-    assert states["pointer:1"] == "unpointed" and states["done:1"] == "latest"
+    assert states["sign:1"] == states["pointer:1"] == "unpointed" and states["done:1"] == "latest"
+    # A kill between the manifest and its signature: re-running publish signed it.
+    signed = cat.resolve(f"m{INJECTED.index(('sign', 1))}")
+    assert cat.store.read(f"models/{signed.name}/{signed.version}/MANIFEST.json.sig") is not None
 
     # Staging leftovers are collectable; no published version is touched.
     report = cat.gc(apply=True, older_than_s=0)

@@ -55,7 +55,10 @@ def test_unreferenced_versions_and_ensemble_members(cat, tmp_path):
     assert cat.gc().items == []  # versions younger than the threshold are kept
     report = cat.gc(older_than_s=0)
     assert [(i.what, i.key) for i in report.items] == [("version", f"models/m/{old.version}")]
-    assert report.items[0].bytes == old.manifest.size + len(manifest_bytes(old.manifest))
+    sig = cat.store.read(f"models/m/{old.version}/MANIFEST.json.sig")
+    mark = cat.store.read(f"refs/m/pointed/{old.version}")  # when latest last named it
+    assert sig is not None and mark is not None
+    assert report.items[0].bytes == old.manifest.size + len(manifest_bytes(old.manifest)) + len(sig) + len(mark)
 
     cat.gc(older_than_s=0, apply=True)
     with pytest.raises(CatalogError, match=f"no version {old.version}"):
@@ -64,6 +67,7 @@ def test_unreferenced_versions_and_ensemble_members(cat, tmp_path):
                       (f"e:{ens.version}", "alice")]:
         cat.verify(ref, user=user)
     assert not any(k.startswith(f"models/m/{old.version}/") for k in _keys(cat))
+    assert f"refs/m/pointed/{old.version}" not in _keys(cat)
 
 
 def test_incomplete_multipart_uploads_are_aborted(s3_root, tmp_path):

@@ -38,7 +38,9 @@ def test_publish_pull_roundtrip(cat, tmp_path):
 
     pulled = cat.pull("dlm-base", tmp_path / "out")
     got = _tree(tmp_path / "out")
-    assert {k: v for k, v in got.items() if k not in ("README.md", MANIFEST_FILE)} == _tree(src)
+    assert {k: v for k, v in got.items()
+            if k not in ("README.md", MANIFEST_FILE, "MANIFEST.json.sig", ".catalog-pull.json")} == _tree(src)
+    assert json.loads(got[".catalog-pull.json"])["digest"] == m.digest
     assert parse_manifest(got[MANIFEST_FILE], "pulled") == m
     assert pulled.downloaded_bytes == m.size and pulled.cached_files == 0
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
@@ -173,8 +175,13 @@ def test_pull_destination_rules(cat, tmp_path):
     with pytest.raises(CatalogError, match="--force"):
         cat.pull("m", tmp_path / "full")
     assert (tmp_path / "full" / "keep.txt").exists()
-    cat.pull("m", tmp_path / "full", force=True)
-    assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "config.json").exists()
+    with pytest.raises(CatalogError, match="not created by a pull"):  # --force replaces pulls only
+        cat.pull("m", tmp_path / "full", force=True)
+    assert (tmp_path / "full" / "keep.txt").exists()
+    os.chmod(tmp_path / "empty" / "config.json", 0o644)  # a pulled dir, modified: force replaces it
+    (tmp_path / "empty" / "config.json").write_text("edited")
+    cat.pull("m", tmp_path / "empty", force=True)
+    assert json.loads((tmp_path / "empty" / "config.json").read_text())["seed"] == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -17,6 +17,7 @@ import os
 import time
 from multiprocessing.connection import Connection
 
+import model_signing  # noqa: F401 - preloaded into the forkserver (publish signs)
 import s3fs  # noqa: F401 - preloaded into the forkserver
 
 from dlm_factory.catalog import Catalog
