@@ -70,9 +70,12 @@ def check_causal_lm(config, where: str) -> None:
 
 
 def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None) -> Loaded:
+               device: torch.device | str | None = None, quantization=None) -> Loaded:
     """Load a checkpoint from a dir, ``file://``/``s3://`` URL or hub id, onto ``device``
     (default: the runtime's). Weights stay ``dtype`` (fp32): the precision policy is autocast.
+
+    ``quantization``: a transformers ``BitsAndBytesConfig`` to load the linear layers
+    quantized (QLoRA); a checkpoint saved quantized loads quantized by itself.
 
     Diffusion checkpoints (with ``diffusion.json``) get their attention modules
     marked non-causal; callers still pass explicit masks (see dlm.diffusion.forward).
@@ -91,8 +94,13 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (ValueError, OSError) as e:
         raise FactoryError(f"{where}: no usable tokenizer ({e})") from e
-    model = _from_pretrained(path, dtype, where, getattr(config, "model_type", "?"))
-    model.to(device if device is not None else runtime.current().device).eval()
+    device = torch.device(device) if device is not None else runtime.current().device
+    quantized = quantization is not None or getattr(config, "quantization_config", None) is not None
+    model = _from_pretrained(path, dtype, where, getattr(config, "model_type", "?"),
+                             quantization=quantization, device=device if quantized else None)
+    if not quantized:  # quantized weights are placed by the loader (they refuse .to())
+        model.to(device)
+    model.eval()
     spec = DiffusionSpec.read(path) if (path / SPEC_FILE).is_file() else None
     if spec is not None:
         if spec.tokenizer_digest != tokenizer_digest(tokenizer):
@@ -101,7 +109,8 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     return Loaded(model=model, tokenizer=tokenizer, spec=spec, path=path)
 
 
-def _from_pretrained(path: Path, dtype: torch.dtype, where: str, model_type: str):
+def _from_pretrained(path: Path, dtype: torch.dtype, where: str, model_type: str, *, quantization=None,
+                     device: torch.device | None = None):
     """The model with SDPA attention where the architecture has it, else eager (Gemma2 and others).
 
     Both honour the additive float mask the diffusion forward passes. Any other failure
@@ -112,8 +121,12 @@ def _from_pretrained(path: Path, dtype: torch.dtype, where: str, model_type: str
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                extra = {} if device is None else {"device_map": {"": str(device)}}
+                if quantization is not None:
+                    extra["quantization_config"] = quantization
                 return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                            trust_remote_code=False, attn_implementation=attn)
+                                                            trust_remote_code=False, attn_implementation=attn,
+                                                            **extra)
         except ValueError as e:
             if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
                 last = e

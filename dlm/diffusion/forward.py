@@ -87,9 +87,10 @@ def output_head(model):
     a tiny input, that head(hidden) equals ``model(...).logits``, and remembers the answer
     on the model. Where it does not, every caller takes the full forward.
     """
-    head = model.get_output_embeddings()
-    base = getattr(model, "base_model", None)
-    if head is None or base is None or base is model:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA is injected in place
+    head = inner.get_output_embeddings()
+    base = getattr(inner, "base_model", None)
+    if head is None or base is None or base is inner:
         return None
     exact = getattr(model, "_dlm_head_is_exact", None)
     if exact is None:

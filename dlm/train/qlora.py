@@ -1,0 +1,114 @@
+"""QLoRA for diffusion LMs: a 4-bit NF4 base (bitsandbytes) with LoRA adapters (peft).
+
+Dettmers et al. 2023 (QLoRA): the base's linear layers are stored as 4-bit NormalFloat
+with double quantization (the quantization constants quantized too), computation runs
+in a higher precision (bf16 on CUDA, fp32 on CPU, where bf16 matmuls are slow), and
+only low-rank adapters on every linear projection (attention and MLP) train. The
+objective is the core's masked-diffusion loss: the adapters plug into the one
+training loop like any other trainable parameters.
+
+bitsandbytes quantizes ``nn.Linear`` layers only: token embeddings (and the output
+head, which transformers keeps in full precision so the logits stay exact) stay in
+the base's dtype. ``export`` therefore reports linear-layer and whole-checkpoint bytes
+separately.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from dlm_factory.dlm import runtime
+from dlm_factory.dlm.checkpoint.io import Loaded, load_model, set_bidirectional
+from dlm_factory.dlm.errors import FactoryError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+
+
+class QLoraConfig(BaseModel):
+    """Quantization of the base and shape of the adapters."""
+
+    rank: int = Field(16, gt=0, le=256, description="LoRA rank r")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: str | list[str] = Field("all-linear", description="peft target modules: every linear projection (attention and MLP) but the output head")
+    quant_type: str = Field("nf4", pattern="^(nf4|fp4)$", description="4-bit data type (NF4: QLoRA's NormalFloat)")
+    double_quant: bool = Field(True, description="quantize the quantization constants too (QLoRA)")
+
+
+def bnb_config(cfg: QLoraConfig):
+    """The transformers ``BitsAndBytesConfig`` of ``cfg`` on the runtime's device."""
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:  # pragma: no cover - transformers always has it
+        raise FactoryError(f"transformers has no BitsAndBytesConfig: {e}") from e
+    rt = runtime.current()
+    compute = torch.bfloat16 if rt.precision("auto") == "bf16" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def load_qlora(model: str | os.PathLike, cfg: QLoraConfig) -> Loaded:
+    """The DLM ``model`` with its linear layers in 4 bits and fresh LoRA adapters (the only trainable weights)."""
+    try:
+        import bitsandbytes  # noqa: F401 - fail here with one line, not deep inside transformers
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    except ImportError as e:
+        raise FactoryError(f"QLoRA needs bitsandbytes and peft: {e}") from e
+    loaded = load_model(model, quantization=bnb_config(cfg))
+    if loaded.spec is None:
+        raise FactoryError(f"{model}: an autoregressive checkpoint; specialists start from a diffusion LM")
+    base = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                      bias="none")
+    peft_model = get_peft_model(base, lora)
+    set_bidirectional(peft_model)
+    return Loaded(peft_model, loaded.tokenizer, loaded.spec, loaded.path)
+
+
+def save_adapter(peft_model, dest: Path) -> Path:
+    """The adapter alone, safetensors only (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+    peft_model.save_pretrained(dest, safe_serialization=True)
+    if not (dest / "adapter_model.safetensors").is_file():
+        raise FactoryError(f"{dest}: peft wrote no adapter_model.safetensors")
+    return dest
+
+
+def merge_adapter(base_model: str | os.PathLike, adapter: str | os.PathLike) -> Loaded:
+    """The base in full precision with the adapter merged in (W + BA): dequantize, merge.
+
+    Merging into the 4-bit weights directly (peft's ``merge_and_unload`` on a quantized
+    base) rounds W + BA to the 4-bit grid of W's blocks and is known to lose accuracy;
+    merging in full precision and quantizing once afterwards (``quantize``) does not
+    stack two roundings. Both are measured by the specialize stage.
+    """
+    from peft import PeftModel
+
+    loaded = load_model(base_model)
+    merged = PeftModel.from_pretrained(loaded.model, os.fspath(adapter)).merge_and_unload()
+    set_bidirectional(merged)
+    return Loaded(merged.eval(), loaded.tokenizer, loaded.spec, loaded.path)
+
+
+def linear_bytes(model) -> tuple[int, int]:
+    """(bytes of the quantizable linear layers' weights and quantization state, bytes of everything).
+
+    The output head is not counted as a quantizable linear layer: it stays in full precision.
+    """
+    linear = total = 0
+    head = model.get_output_embeddings()
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    for key, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        n = tensor.numel() * tensor.element_size()
+        total += n
+        if any(key.startswith(name + ".") for name in names):
+            linear += n
+    return linear, total
