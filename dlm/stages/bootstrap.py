@@ -13,11 +13,14 @@ import os
 import torch
 from pydantic import BaseModel, Field
 
+from dlm_factory.digest import tokenizer_digest
 from dlm_factory.dlm import runtime
 from dlm_factory.dlm.checkpoint.io import Loaded, save_model
 from dlm_factory.dlm.checkpoint.record import StageKey, check_output, new_record
 from dlm_factory.dlm.data.corpus import Blocks, read_documents, source_digest, tokenize_blocks
 from dlm_factory.dlm.diffusion.objective import ar_loss
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.paths import materialize
 from dlm_factory.dlm.train.config import TrainConfig, TrainResult
 from dlm_factory.dlm.train.loop import train
 
@@ -39,6 +42,8 @@ class BootstrapConfig(BaseModel):
     intermediate_size: int = Field(688, gt=0, description="MLP width")
     seq_len: int = Field(128, ge=8, description="training sequence length")
     max_positions: int = Field(512, ge=8, description="position capacity written to the config")
+    tie_embeddings: bool = Field(False, description="share the input embedding and output head (small specialists: most of their weights are the embedding)")
+    tokenizer: str | None = Field(None, description="reuse this checkpoint's tokenizer instead of training one (a specialist base shares the general model's); None: train a BPE tokenizer")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup_steps=30),
                                description="optimisation settings")
 
@@ -64,7 +69,7 @@ def build_model(cfg: BootstrapConfig, tokenizer):
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_positions, tie_word_embeddings=False,
+        max_position_embeddings=cfg.max_positions, tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(cfg.train.seed)
@@ -76,8 +81,21 @@ def ar_objective(model, batch, step, generator):
 
 
 def bootstrap_key(cfg: BootstrapConfig) -> StageKey:
-    """What decides whether a bootstrap output is done: the corpus content and the config."""
-    return StageKey(stage="bootstrap", inputs={"data": source_digest(cfg.data)}, config=cfg.model_dump())
+    """What decides whether a bootstrap output is done: the corpus (and a reused tokenizer) by content, the config."""
+    inputs = {"data": source_digest(cfg.data)}
+    if cfg.tokenizer:
+        inputs["tokenizer"] = tokenizer_digest(load_tokenizer(cfg.tokenizer))
+    return StageKey(stage="bootstrap", inputs=inputs, config=cfg.model_dump(exclude={"tokenizer"}))
+
+
+def load_tokenizer(src: str):
+    """The tokenizer of the checkpoint ``src`` (dir or URL), ``trust_remote_code`` off."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(materialize(src), trust_remote_code=False)
+    except (ValueError, OSError) as e:
+        raise FactoryError(f"{src}: no usable tokenizer ({e})") from e
 
 
 def bootstrap(cfg: BootstrapConfig, output: str | os.PathLike, *, progress: bool = True,
@@ -86,13 +104,13 @@ def bootstrap(cfg: BootstrapConfig, output: str | os.PathLike, *, progress: bool
     check_output(output, overwrite=overwrite)
     key = bootstrap_key(cfg)
     docs = read_documents(cfg.data, max_chars=cfg.max_chars)
-    tokenizer = train_tokenizer([d.text for d in docs], cfg.vocab_size)
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer([d.text for d in docs], cfg.vocab_size)
     blocks = Blocks(tokenize_blocks(tokenizer, docs, cfg.seq_len))
     model = build_model(cfg, tokenizer)
     mb = cfg.train.micro_batch()
     result = train(model, lambda step, m: blocks.batch(step * cfg.train.grad_accum + m, mb, cfg.train.seed),
                    ar_objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
-    record = new_record(key, sources={"data": cfg.data}, runtime=runtime.current().describe(),
+    record = new_record(key, sources={"data": cfg.data, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {})}, runtime=runtime.current().describe(),
                         result={"train_blocks": blocks.ids.shape[0], **result.summary()})
     save_model(Loaded(model, tokenizer, None), output, overwrite=overwrite, record=record)
     return result

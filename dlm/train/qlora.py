@@ -28,6 +28,16 @@ from dlm_factory.dlm.errors import FactoryError
 
 log = logging.getLogger(__name__)
 
+# Imported eagerly, as transformers is in dlm.checkpoint.io: two specialists starting in threads of
+# one flow would otherwise resolve these lazy imports at once.
+try:
+    import bitsandbytes  # noqa: F401
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+except ImportError as e:  # reported by load_qlora as one line
+    _IMPORT_ERROR: ImportError | None = e
+else:
+    _IMPORT_ERROR = None
+
 ADAPTER_DIR = "adapter"
 
 
@@ -56,11 +66,8 @@ def bnb_config(cfg: QLoraConfig):
 
 def load_qlora(model: str | os.PathLike, cfg: QLoraConfig) -> Loaded:
     """The DLM ``model`` with its linear layers in 4 bits and fresh LoRA adapters (the only trainable weights)."""
-    try:
-        import bitsandbytes  # noqa: F401 - fail here with one line, not deep inside transformers
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    except ImportError as e:
-        raise FactoryError(f"QLoRA needs bitsandbytes and peft: {e}") from e
+    if _IMPORT_ERROR is not None:
+        raise FactoryError(f"QLoRA needs bitsandbytes and peft: {_IMPORT_ERROR}") from _IMPORT_ERROR
     loaded = load_model(model, quantization=bnb_config(cfg))
     if loaded.spec is None:
         raise FactoryError(f"{model}: an autoregressive checkpoint; specialists start from a diffusion LM")
@@ -88,8 +95,6 @@ def merge_adapter(base_model: str | os.PathLike, adapter: str | os.PathLike) -> 
     merging in full precision and quantizing once afterwards (``quantize``) does not
     stack two roundings. Both are measured by the specialize stage.
     """
-    from peft import PeftModel
-
     loaded = load_model(base_model)
     merged = PeftModel.from_pretrained(loaded.model, os.fspath(adapter)).merge_and_unload()
     set_bidirectional(merged)
