@@ -16,6 +16,9 @@ def prefect_env() -> None:
     os.environ.setdefault("PREFECT_HOME", str(factory_home(create=True) / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dlm_factory")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond the object store
+    # The first start of the ephemeral API creates and migrates its SQLite database: measured here at
+    # over 20 s (Prefect's default limit) on a busy 2-core machine, which failed a fresh clone's demo.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
