@@ -39,6 +39,8 @@ from kubernetes.client.exceptions import ApiException
 from prefect import get_run_logger, task
 from pydantic import BaseModel, Field, field_validator
 
+from dlm_factory.tasks.retry import retry_on
+
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 JOB_LABEL = "dlm-factory/job"  # on the Job, its pods and its Service: the selector of all three
 CONTAINER = "trainer"
@@ -489,15 +491,8 @@ def attempt_name(base: str) -> str:
     return f"{base[:40].rstrip('-')}-{secrets.token_hex(3)}"
 
 
-def _retry_on_eviction(task, task_run, state) -> bool:
-    """Retry evictions and preemptions only; a crashed rank or a timeout will not get better."""
-    try:
-        state.result()
-    except PodEvicted:
-        return True
-    except Exception:  # noqa: BLE001 - every other failure is final
-        return False
-    return False
+# Retry evictions and preemptions only; a crashed rank or a timeout will not get better.
+_retry_on_eviction = retry_on(PodEvicted)
 
 
 @task(name="launch-distributed", retries=2, retry_delay_seconds=30, retry_condition_fn=_retry_on_eviction,

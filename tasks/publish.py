@@ -12,17 +12,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from dlm_factory.catalog import Catalog, Published, StorageError
+from dlm_factory.tasks.retry import retry_on
 
-
-def _retry_on_storage_error(task, task_run, state) -> bool:
-    """Retry transient store failures only; a bad name or a bad model dir will not get better."""
-    try:
-        state.result()
-    except StorageError:
-        return True
-    except Exception:  # noqa: BLE001 - any other failure is final
-        return False
-    return False
+# Retry transient store failures only; a bad name or a bad model dir will not get better.
+_retry_on_storage_error = retry_on(StorageError)
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_storage_error,

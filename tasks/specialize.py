@@ -17,19 +17,10 @@ from dlm_factory.dlm.data.users import USER_ID, check_user_id, user_dir
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.stages.specialize import SpecializeConfig, specialize, specialize_key
 from dlm_factory.tasks.models import checkpoint_dir, reuse
+from dlm_factory.tasks.retry import retry_on
 
-
-def _transient(task, task_run, state) -> bool:
-    """Retry on errors that may pass (I/O, memory), never on bad input (FactoryError)."""
-    try:
-        state.result()
-    except FactoryError:
-        return False
-    except (OSError, MemoryError, RuntimeError):
-        return True
-    except Exception:  # noqa: BLE001 - anything else is a bug: no retry
-        return False
-    return False
+# Retry errors that may pass (I/O, memory), never bad input (FactoryError).
+_transient = retry_on(OSError, MemoryError, RuntimeError, never=(FactoryError,))
 
 
 @task(name="list-users", retries=2, retry_delay_seconds=5)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dlm_factory.digest import dir_digest
+from dlm_factory.dlm.data.batching import collate
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import materialize
 
@@ -214,7 +215,7 @@ def _check_window(seq_len: int, max_positions: int | None) -> None:
 class Windows:
     """Evaluation windows over whole documents (right-padded to one length).
 
-    ids, attention_mask, keep: [N, T]. ``keep`` marks context: tokens a window conditions
+    ids, attention_mask, keep: [N, T] (T: the longest window). ``keep`` marks context: tokens a window conditions
     on but does not score (each document's start token, and the carried context of a
     rolling window). Every other attended token is scored exactly once, by the ELBO and
     by the exact AR NLL alike.
@@ -264,14 +265,9 @@ def rolling_windows(tokenizer, docs: list[Document], seq_len: int, *, stride: in
             break
     if not rows:
         raise FactoryError(f"no document has two tokens to score ({skipped} too short)")
-    ids = torch.zeros(len(rows), seq_len, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    keep = torch.zeros_like(ids, dtype=torch.bool)
-    for r, (window, context) in enumerate(rows):
-        ids[r, : len(window)] = torch.tensor(window, dtype=torch.long)
-        am[r, : len(window)] = 1
-        keep[r, :context] = True
-    return Windows(ids=ids, attention_mask=am, keep=keep, documents=covered, skipped=skipped)
+    batch = collate(rows, pad=0)  # right-padded: padding is never attended, so any id works
+    return Windows(ids=batch["input_ids"], attention_mask=batch["attention_mask"], keep=batch["prompt_mask"],
+                   documents=covered, skipped=skipped)
 
 
 @dataclass
