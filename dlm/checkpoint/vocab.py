@@ -66,4 +66,4 @@ def grow_embeddings(loaded: Loaded, ids: list[int], rows: int, *, seed: int = 0,
         for w in matrices:
             mean, std = w[:rows].mean(0), w[:rows].std(0)
             for i in ids:
-                w[i] = mean + noise * std * torch.randn(w.shape[1], generator=g).to(w.dtype)
+                w[i] = mean + noise * std * torch.randn(w.shape[1], generator=g).to(w.device, w.dtype)
