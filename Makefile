@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-all test-gpu lint lint-docker bench clean \
+.PHONY: install demo server stop test test-all test-gpu lint lint-docker bench clean \
         images push-images check-bases pin-bases work-pool k8s-render deploy
 
 $(STAMP): pyproject.toml setup.py
@@ -18,6 +18,13 @@ install: $(STAMP)
 ## Run the whole factory on its embedded defaults (CPU, no network, ./.factory/).
 demo: $(STAMP)
 	$(BIN)/factory demo
+
+## A real Prefect server + worker + the local deployments on 127.0.0.1 (the UI path); `make stop` ends them.
+server: $(STAMP)
+	$(BIN)/factory server start
+
+stop: $(STAMP)
+	$(BIN)/factory server stop
 
 ## Lint (Python and Dockerfiles), then the default (fast) test suite.
 test: $(STAMP)
