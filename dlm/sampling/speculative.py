@@ -1,0 +1,198 @@
+"""Speculative decoding with the diffusion LM as the drafter and its source AR model as the verifier.
+
+Leviathan et al. 2023 / Chen et al. 2023 (speculative sampling); DFlash and TiDAR use a
+diffusion drafter the same way. Each round:
+
+1. the DLM drafts the next k tokens after the committed text, all k in one denoising
+   forward (or ``draft_steps`` LLaDA steps in greedy mode);
+2. the AR verifier reads the pending token and the k drafts in ONE forward over its
+   exact KV cache, giving its next-token distribution after every prefix;
+3. greedy: drafts are accepted while they equal the verifier's argmax, then the
+   verifier's own token follows, so the output is token for token the AR model's greedy
+   decoding. Sampling: draft i is accepted with probability min(1, p_i(d)/q_i(d)); on
+   the first rejection a token is drawn from norm(max(0, p_i - q_i)); when all are
+   accepted a bonus token is drawn from p_{k+1}. The output then follows the AR model's
+   distribution exactly, whatever the drafter proposes;
+4. the verifier's cache is cropped back to the accepted tokens, and k adapts to the
+   running acceptance (grows after a fully accepted round, shrinks to what was accepted).
+
+Sampling mode drafts all k tokens from one forward with independent draws: q_i is then
+the drafter's marginal at position i given the committed text, which is what the
+acceptance rule needs (a multi-step draft would make early positions depend on later
+ones). Batch size 1: prompts are decoded one after the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, Field
+
+from dlm_factory.dlm.checkpoint.io import Loaded
+from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.runtime import inference_autocast, model_device
+
+
+class SpeculativeConfig(BaseModel):
+    """Settings of speculative decoding (defaults: greedy, k adapted between 2 and 16)."""
+
+    length: int = Field(64, gt=0, description="tokens to generate after each prompt (fewer when EOS comes first)")
+    k: int = Field(4, gt=0, le=64, description="drafted tokens in the first round")
+    k_min: int = Field(1, gt=0, description="smallest draft")
+    k_max: int = Field(16, gt=0, le=64, description="largest draft")
+    adaptive: bool = Field(True, description="adapt k to the acceptance: double after a fully accepted round, else accepted + 1")
+    draft_steps: int = Field(1, gt=0, description="greedy only: LLaDA denoising steps per draft (1: every draft token from one forward)")
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy (the AR model's greedy output); > 0: speculative sampling at this temperature")
+    seed: int = Field(0, description="seed of the sampling mode")
+    stop_at_eos: bool = Field(True, description="stop at the verifier's EOS (it is not returned)")
+
+
+@dataclass
+class SpeculativeStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+    ks: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.tokens / max(self.rounds, 1)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+
+def check_pair(drafter: Loaded, verifier: Loaded) -> None:
+    """The verifier is causal and reads the drafter's token ids as the same text (one clear error otherwise)."""
+    if drafter.spec is None:
+        raise FactoryError("the drafter must be a diffusion checkpoint (with diffusion.json)")
+    if verifier.spec is not None:
+        raise FactoryError("the verifier must be an autoregressive (causal) checkpoint, not a diffusion one")
+    dv, vv = drafter.tokenizer.get_vocab(), verifier.tokenizer.get_vocab()
+    shared = {t: i for t, i in vv.items() if t in dv}
+    if len(shared) != len(vv) or any(dv[t] != i for t, i in shared.items()):
+        raise FactoryError("the verifier's tokenizer differs from the drafter's: every verifier token must keep "
+                           "its id in the drafter (the DLM may only add tokens, e.g. its mask)")
+
+
+class Speculator:
+    """Decodes with a DLM drafter and an AR verifier (see the module docstring)."""
+
+    def __init__(self, drafter: Loaded, verifier: Loaded, cfg: SpeculativeConfig):
+        check_pair(drafter, verifier)
+        if cfg.k_min > cfg.k_max:
+            raise FactoryError(f"k_min {cfg.k_min} > k_max {cfg.k_max}")
+        self.denoiser = ModelDenoiser(drafter)
+        self.verifier, self.cfg = verifier.model, cfg
+        self.vocab = len(verifier.tokenizer)  # ids the verifier knows: drafts stay below
+        self.eos = verifier.tokenizer.eos_token_id
+        self.device = model_device(self.verifier)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+
+    # ------------------------------------------------------------------ drafter
+
+    def _draft(self, context: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
+        """k draft tokens after ``context`` and, when sampling, their proposal distributions q [k, V]."""
+        mask = self.denoiser.spec.mask_token_id
+        if self.cfg.temperature == 0 and self.cfg.draft_steps > 1:
+            from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
+
+            steps = min(self.cfg.draft_steps, k)
+            out = sample(self.denoiser, [context], SamplerConfig(sampler="llada", length=k, block_size=k,
+                                                                 steps=steps, stop_at_eos=False))[0]
+            return [t if t < self.vocab else 0 for t in out], None
+        x = torch.tensor([context + [mask] * k], device=self.device)
+        lp = self.denoiser(x)[0, len(context):].float()  # [k, V']
+        lp = lp[:, : self.vocab]  # the verifier cannot accept a token it does not have (mask, pads)
+        if self.cfg.temperature == 0:
+            return lp.argmax(-1).tolist(), None
+        q = torch.softmax(lp / self.cfg.temperature, -1)
+        return torch.multinomial(q, 1, generator=self.gen)[:, 0].tolist(), q
+
+    # ------------------------------------------------------------------ verifier
+
+    @torch.no_grad()
+    def _forward(self, ids: list[int], cache) -> torch.Tensor:
+        with inference_autocast(self.device):
+            out = self.verifier(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache,
+                                use_cache=True)
+        return out.logits[0, :, : self.vocab].float()
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], stats: SpeculativeStats | None = None) -> list[int]:
+        """The continuation of ``prompt`` (token ids, start token included), up to ``length`` tokens."""
+        from transformers import DynamicCache
+
+        if not prompt:
+            raise FactoryError("empty prompt: speculative decoding needs at least the start token")
+        cfg = self.cfg
+        stats = stats if stats is not None else SpeculativeStats()
+        cache = DynamicCache()
+        if len(prompt) > 1:
+            self._forward(prompt[:-1], cache)
+        n, pending, out, k = len(prompt) - 1, prompt[-1], [], cfg.k
+        while len(out) < cfg.length:
+            k = max(1, min(k, cfg.length - len(out)))  # no draft beyond the requested length
+            drafts, q = self._draft(prompt + out, k)  # the committed text ends with the pending token
+            logits = self._forward([pending] + drafts, cache)  # [k+1, V]: after pending, after each draft
+            accepted, token = self._accept(drafts, q, logits)
+            new = drafts[:accepted] + [token]
+            if accepted < len(drafts):  # drop the rejected drafts: the cache ends with the last accepted one
+                cache.crop(accepted - len(drafts))  # transformers 5: a negative count removes that many tokens
+            n += 1 + accepted
+            pending = token
+            stats.rounds += 1
+            stats.drafted += len(drafts)
+            stats.accepted += accepted
+            stats.ks.append(k)
+            if cfg.stop_at_eos and self.eos is not None and self.eos in new:
+                out += new[: new.index(self.eos)]
+                break
+            out += new
+            if cfg.adaptive:
+                k = min(cfg.k_max, 2 * k) if accepted == len(drafts) else max(cfg.k_min, accepted + 1)
+        out = out[: cfg.length]
+        stats.tokens += len(out)
+        return out
+
+    def _accept(self, drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> tuple[int, int]:
+        return accept(drafts, q, logits, self.cfg.temperature, self.gen)
+
+
+def accept(drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor, temperature: float,
+           generator: torch.Generator | None = None) -> tuple[int, int]:
+    """The verification rule: (drafts accepted, the verifier's token after them).
+
+    ``logits`` [k+1, V] are the verifier's after the pending token and after each draft;
+    ``q`` [k, V] the drafter's proposal distributions (sampling only). Greedy: accept while
+    the draft is the argmax. Sampling: accept draft i with probability min(1, p_i/q_i);
+    on rejection draw from norm(max(0, p_i - q_i)); after k acceptances draw from p_{k+1}.
+    """
+    if temperature == 0:
+        best = logits.argmax(-1).tolist()
+        a = 0
+        while a < len(drafts) and drafts[a] == best[a]:
+            a += 1
+        return a, best[a]
+    p = torch.softmax(logits / temperature, -1)  # [k+1, V]
+    for i, d in enumerate(drafts):
+        ratio = (p[i, d] / q[i, d].clamp(min=1e-20)).clamp(max=1.0)
+        if torch.rand((), generator=generator, device=p.device) < ratio:
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)
+        total = residual.sum()
+        dist = residual / total if total > 0 else p[i]
+        return i, int(torch.multinomial(dist, 1, generator=generator))
+    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
+
+
+def speculative_generate(drafter: Loaded, verifier: Loaded, prompts: list[list[int]], cfg: SpeculativeConfig,
+                         ) -> tuple[list[list[int]], SpeculativeStats]:
+    """Continuations of each prompt (ids) and the decoding statistics over all of them."""
+    spec = Speculator(drafter, verifier, cfg)
+    stats = SpeculativeStats()
+    return [spec.generate(list(p), stats) for p in prompts], stats
