@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--length", type=int, help="response length in tokens (default: 64)")
     p.add_argument("--steps", type=int, help="llada: denoising steps (default: length)")
-    p.add_argument("--sampler", choices=["llada", "threshold"], help="decoding method (default: threshold)")
+    p.add_argument("--sampler", choices=["llada", "threshold", "speculative"],
+                   help="decoding method (default: threshold); speculative: the DLM drafts, its AR source verifies "
+                        "(greedy output = the AR model's greedy output; see docs/sampling.md)")
+    p.add_argument("--verifier", help="speculative: the AR verifier (default: the DLM's source AR model)")
+    p.add_argument("--draft", type=int, help="speculative: tokens drafted in the first round (default: 4; adapted)")
     p.add_argument("--threshold", type=float, help="threshold sampler: confidence tau (default: 0.9)")
     p.add_argument("--block-size", type=int, help="semi-autoregressive block size (default: 32)")
     p.add_argument("--cache", choices=["none", "prefix", "dual"], help="threshold sampler: KV cache (default: dual)")
@@ -57,6 +61,8 @@ def sampler_config(args):
 
 
 def _generate(args) -> int:
+    if args.sampler == "speculative":
+        return _speculative(args)
     cfg = sampler_config(args)  # bad flags fail before the model is loaded
 
     import time
@@ -84,6 +90,47 @@ def _generate(args) -> int:
     seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps({"prompts": args.prompt, "texts": texts, "seconds": round(seconds, 3),
+                          "config": cfg.model_dump()}))
+    else:
+        for text in texts:
+            print(text)
+    return 0
+
+
+def _speculative(args) -> int:
+    import time
+
+    from pydantic import ValidationError
+
+    from dlm_factory.dlm.checkpoint.io import load_model
+    from dlm_factory.dlm.checkpoint.record import lineage_root
+    from dlm_factory.dlm.errors import FactoryError
+    from dlm_factory.dlm.sampling.generate import encode_prompts
+    from dlm_factory.dlm.sampling.speculative import SpeculativeConfig, speculative_generate
+
+    values = {"length": args.length, "k": args.draft, "temperature": args.temperature, "seed": args.seed,
+              "stop_at_eos": False if args.no_stop_at_eos else None}
+    try:
+        cfg = SpeculativeConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = {"k": "--draft", "stop_at_eos": "--no-stop-at-eos"}.get(str(err["loc"][0]), f"--{err['loc'][0]}")
+        raise FactoryError(f"{flag}: {err['msg']}") from e
+    drafter = load_model(args.model)
+    if drafter.spec is None:
+        raise FactoryError(f"{args.model}: the drafter must be a diffusion checkpoint (with diffusion.json)")
+    verifier_src = args.verifier or (lineage_root(drafter.path, "") if drafter.path else "")
+    if not verifier_src:
+        raise FactoryError(f"{args.model}: no lineage to an AR model recorded; pass --verifier AR_DIR")
+    verifier = load_model(verifier_src)
+    prompts = encode_prompts(verifier.tokenizer, args.prompt)  # raw text: the verifier's own convention
+    start = time.perf_counter()
+    ids, stats = speculative_generate(drafter, verifier, prompts, cfg)
+    seconds = time.perf_counter() - start
+    texts = [verifier.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+    if args.json:
+        print(json.dumps({"prompts": args.prompt, "texts": texts, "seconds": round(seconds, 3), "verifier": verifier_src,
+                          "tokens_per_round": round(stats.tokens_per_round, 3), "acceptance": round(stats.acceptance, 3),
                           "config": cfg.model_dump()}))
     else:
         for text in texts:

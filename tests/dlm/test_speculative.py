@@ -101,3 +101,19 @@ def test_bad_pairs_are_refused(pair, tiny_ar):
         Speculator(dlm, ar, SpeculativeConfig(k_min=4, k_max=2))
     stats = SpeculativeStats()
     assert stats.acceptance == 0.0 and stats.tokens_per_round == 0.0
+
+
+def test_cli_speculative_defaults_to_the_lineage_verifier(tiny_dlm, tiny_ar, capsys):
+    import json
+
+    from dlm_factory.cli import main
+
+    assert main(["generate", "--model", tiny_dlm, "--prompt", "def f(x):", "--sampler", "speculative",
+                 "--length", "8", "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["verifier"] == tiny_ar and len(out["texts"]) == 1 and out["tokens_per_round"] >= 1
+    assert main(["generate", "--model", tiny_dlm, "--prompt", "x", "--sampler", "speculative", "--draft", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --draft:")
+    assert main(["generate", "--model", tiny_dlm, "--prompt", "x", "--sampler", "speculative",
+                 "--verifier", tiny_dlm]) == 2
+    assert "must be an autoregressive" in capsys.readouterr().err
