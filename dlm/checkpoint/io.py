@@ -9,6 +9,7 @@ Models are placed on the device of ``dlm.runtime`` when loaded.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,12 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     return Loaded(model=model, tokenizer=tokenizer, spec=spec, path=path)
 
 
+# transformers builds models on the meta device and patches module construction process-wide while it
+# loads: two threads loading at once (a flow's parallel users) fail with "Cannot copy out of meta tensor".
+# Loads are serialized; training and inference still run in parallel.
+LOAD_LOCK = threading.RLock()
+
+
 def _from_pretrained(path: Path, dtype: torch.dtype, where: str, model_type: str, *, quantization=None,
                      device: torch.device | None = None):
     """The model with SDPA attention where the architecture has it, else eager (Gemma2 and others).
@@ -119,7 +126,7 @@ def _from_pretrained(path: Path, dtype: torch.dtype, where: str, model_type: str
     last: Exception | None = None
     for attn in ("sdpa", "eager"):
         try:
-            with warnings.catch_warnings():
+            with LOAD_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 extra = {} if device is None else {"device_map": {"": str(device)}}
                 if quantization is not None:

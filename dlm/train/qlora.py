@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from dlm_factory.dlm import runtime
-from dlm_factory.dlm.checkpoint.io import Loaded, load_model, set_bidirectional
+from dlm_factory.dlm.checkpoint.io import LOAD_LOCK, Loaded, load_model, set_bidirectional
 from dlm_factory.dlm.errors import FactoryError
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,11 @@ def load_qlora(model: str | os.PathLike, cfg: QLoraConfig) -> Loaded:
     loaded = load_model(model, quantization=bnb_config(cfg))
     if loaded.spec is None:
         raise FactoryError(f"{model}: an autoregressive checkpoint; specialists start from a diffusion LM")
-    base = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                       bias="none")
-    peft_model = get_peft_model(base, lora)
+    with LOAD_LOCK:
+        base = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
+        peft_model = get_peft_model(base, lora)
     set_bidirectional(peft_model)
     return Loaded(peft_model, loaded.tokenizer, loaded.spec, loaded.path)
 
@@ -96,7 +97,8 @@ def merge_adapter(base_model: str | os.PathLike, adapter: str | os.PathLike) -> 
     stack two roundings. Both are measured by the specialize stage.
     """
     loaded = load_model(base_model)
-    merged = PeftModel.from_pretrained(loaded.model, os.fspath(adapter)).merge_and_unload()
+    with LOAD_LOCK:  # peft loads the adapter through transformers' meta-device machinery too
+        merged = PeftModel.from_pretrained(loaded.model, os.fspath(adapter)).merge_and_unload()
     set_bidirectional(merged)
     return Loaded(merged.eval(), loaded.tokenizer, loaded.spec, loaded.path)
 
