@@ -188,10 +188,19 @@ class EnsembleDenoiser:
         V = min(lp.shape[-1] for _, lp in parts)
         if self._vocab is not None and V < self._vocab:
             raise FactoryError(f"ensemble member predicts {V} tokens, fewer than the shared tokenizer's {self._vocab}")
+        # Clamping is only needed where a negative weight (EFT's base) could meet -inf; with
+        # non-negative weights the sum is accumulated in one fused op per member (the sampler
+        # pays this at every step, so no extra passes over [B, n, V]).
+        clamp = any(m.weight < 0 for m, _ in parts)
         total = None
         for m, lp in parts:
-            term = m.weight * lp[..., :V].to(self.device, torch.float32).clamp(min=_FLOOR)
-            total = term if total is None else total + term
+            lp = lp[..., :V].to(self.device, torch.float32)
+            if clamp:
+                lp = lp.clamp(min=_FLOOR)
+            if total is None:
+                total = lp * m.weight
+            else:
+                total.add_(lp, alpha=m.weight)
         return total.log_softmax(-1)
 
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

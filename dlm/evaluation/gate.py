@@ -126,6 +126,7 @@ def sample_quality(denoisers: dict[str, object], prompt_texts: list[str], tokeni
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
         out[name] = {"judge_nll": judge_nll(judge, prompt_ids, ids), "parse_rate": parse_rate(
             [p + t for p, t in zip(prompt_texts, texts, strict=True)]), "seconds": seconds,
+            "blank_rate": sum(not t.strip() for t in texts) / len(texts),  # informative: blanks score well on both
             "examples": texts[:2]}
     return out
 
@@ -178,9 +179,11 @@ def markdown(report: GateReport | dict) -> str:
     for name, e in r["elbo"].items():
         lines.append(f"| {name} | {e['bits_per_token']:.4f} | {e['stderr']:.4f} |")
     if r["quality"]:
-        lines += ["", "| samples | judge NLL (nats/token) | parse rate | seconds |", "|---|---:|---:|---:|"]
+        lines += ["", "| samples | judge NLL (nats/token) | parse rate | blank responses | seconds |",
+                  "|---|---:|---:|---:|---:|"]
         for name, q in r["quality"].items():
-            lines.append(f"| {name} | {q['judge_nll']:.4f} | {q['parse_rate']:.3f} | {q['seconds']:.1f} |")
+            nll = "n/a" if q["judge_nll"] is None else f"{q['judge_nll']:.4f}"
+            lines.append(f"| {name} | {nll} | {q['parse_rate']:.3f} | {q.get('blank_rate', 0):.3f} | {q['seconds']:.1f} |")
     if r.get("notes"):
         lines += [""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -195,3 +197,25 @@ def test_emulated_finetuning_needs_the_base_and_forms_are_named(members):
         EnsembleDenoiser.combine("mixture", 0.5, g, s)
     with pytest.raises(FactoryError, match="mask token"):
         Member(g, 1.0, [1, g.spec.mask_token_id])
+
+
+def test_ar_combination_matches_the_exact_nll_and_its_own_weighted_sum(tiny_ar):
+    from dlm_factory.dlm.evaluation.likelihood import ar_combined_nll, ar_nll
+
+    m = load_model(tiny_ar).model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 500, (4, 24), generator=g)
+    am = torch.ones_like(ids)
+    am[3, 15:] = 0
+    out = ar_combined_nll({"g": m}, {"one": {"g": 1.0}, "square": {"g": 2.0}}, ids, attention_mask=am)
+    exact = ar_nll(m, ids, attention_mask=am)
+    assert out["g"].bits_per_token == pytest.approx(exact.bits_per_token, abs=1e-4)
+    assert out["one"].bits_per_token == pytest.approx(exact.bits_per_token, abs=1e-4)
+    assert out["one-g"].bits_per_token == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        lp = m(input_ids=ids, attention_mask=am).logits[:, :-1].float().log_softmax(-1)
+        sq = (2 * lp).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    mask = am[:, 1:].bool()
+    expected = float(-(sq[mask]).mean()) / math.log(2)
+    assert out["square"].bits_per_token == pytest.approx(expected, abs=1e-4)
+    assert out["square"].stderr > 0
