@@ -47,8 +47,19 @@ from dlm_factory.digest import tokenizer_digest
 from dlm_factory.dlm import runtime
 from dlm_factory.dlm.checkpoint.io import Loaded, load_model, save_model
 from dlm_factory.dlm.checkpoint.record import StageKey, is_done, model_digest, new_record
-from dlm_factory.dlm.data.corpus import Blocks, code_prompts, rolling_windows, stdlib_documents, tokenize_blocks
-from dlm_factory.dlm.data.users import DEMO_USERS, user_data_digest, user_documents, write_demo_users
+from dlm_factory.dlm.data.corpus import (
+    Blocks,
+    code_prompts,
+    rolling_windows,
+    stdlib_documents,
+    tokenize_blocks,
+)
+from dlm_factory.dlm.data.users import (
+    DEMO_USERS,
+    user_data_digest,
+    user_documents,
+    write_demo_users,
+)
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.diffusion.ensemble import EMULATED_FINETUNING, EnsembleDenoiser, form_weights
 from dlm_factory.dlm.diffusion.objective import ar_loss, diffusion_loss
@@ -75,12 +86,12 @@ def say(msg: str) -> None:
 
 # --- building the contenders -----------------------------------------------------------------
 
-def general_corpus(work: Path, users: list[str], max_chars: int) -> Path:
+def general_corpus(work: Path, max_chars: int) -> Path:
     """The stdlib train split minus the demo users' packages, written as files (a data dir)."""
     out = work / "corpus"
     if (out / ".complete").is_file():
         return out
-    skip = {DEMO_USERS[u] for u in DEMO_USERS}  # every demo package, used or not
+    skip = set(DEMO_USERS.values())  # every demo package, used or not
     docs = [d for d in stdlib_documents("train", max_chars=max_chars * 2)
             if d.name.split("/")[0].removesuffix(".py") not in skip]
     size = 0
@@ -297,7 +308,7 @@ def main(argv=None) -> int:
 
     # Build (cached by stage keys)
     t_build = time.perf_counter()
-    corpus = general_corpus(work, users, args.corpus_chars)
+    corpus = general_corpus(work, args.corpus_chars)
     bcfg = BootstrapConfig(data=str(corpus), max_chars=args.corpus_chars, vocab_size=args.vocab, hidden_size=gh,
                            num_layers=gl, num_heads=gn, intermediate_size=int(gh * 8 / 3) // 8 * 8,
                            seq_len=args.seq_len, train=TrainConfig(steps=args.steps, batch_size=16, lr=2e-3,

@@ -136,6 +136,11 @@ def ar_nll(model, ids, *, attention_mask=None, keep=None, batch_size: int = 32) 
     return Estimate(total_nll / max(total, 1) / math.log(2), 0.0, total, 1, "nll")
 
 
+def _sequence_nll(logp: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum of -log p(target) over the scored positions: [b] float64 on the CPU."""
+    return (-logp.gather(-1, targets)[..., 0] * scored).sum(-1).double().cpu()
+
+
 def _ratio_stderr(sums: torch.Tensor, counts: torch.Tensor) -> float:
     """Standard error across sequences of sum(sums) / sum(counts) (the ratio estimator, delta method)."""
     n = sums.numel()
@@ -182,15 +187,11 @@ def ar_combined_nll(models: dict[str, object], candidates: dict[str, dict[str, f
             logp[name] = logits.float().to(device).log_softmax(-1)
         V = min(lp.shape[-1] for lp in logp.values())
         y = x[:, 1:, None]
-
-        def nll(lp):  # per-sequence sum of -log p(target) [b]
-            return (-lp[..., :V].gather(-1, y)[..., 0] * target).sum(-1).double().cpu()
-
         for name in names:
-            rows[name].append(nll(logp[name]))
+            rows[name].append(_sequence_nll(logp[name][..., :V], y, target))
         for cand, weights in candidates.items():
             total = sum(w * logp[m][..., :V] for m, w in weights.items() if w != 0.0)
-            rows[cand].append(nll(total.log_softmax(-1)))
+            rows[cand].append(_sequence_nll(total.log_softmax(-1), y, target))
         counts.append(target.sum(-1).double().cpu())
     n_tok = torch.cat(counts)
     if float(n_tok.sum()) == 0:

@@ -61,6 +61,7 @@ from dlm_factory.dlm.diffusion.ensemble import (
     Member,
     check_form,
     check_lambda,
+    check_shared_tokenizer,
 )
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.evaluation.gate import GateConfig, read_report, run_gate, write_report
@@ -259,7 +260,8 @@ def build_ensemble(general: str | os.PathLike, specialist: str | os.PathLike, ou
         if lo.spec is None:
             raise FactoryError(f"{role} model is an autoregressive checkpoint (no diffusion.json); convert it first")
     dens = {role: ModelDenoiser(lo) for role, lo in loaded.items()}
-    probe = EnsembleDenoiser.combine("product_of_experts", 0.0, dens["general"], dens["specialist"])  # tokenizer check
+    check_shared_tokenizer(dens)  # one error line before any data is read
+    probe = EnsembleDenoiser.combine("product_of_experts", 0.0, dens["general"], dens["specialist"])
     context = None
     if cfg.context:
         from dlm_factory.dlm.data.corpus import Document, encode_documents
