@@ -196,3 +196,17 @@ def test_published_and_pulled_ensemble_loads_with_verified_members(built, tiny_d
     weights.write_bytes(bytes(data))
     with pytest.raises(FactoryError, match="member spec-json: model.safetensors does not match"):
         load_ensemble(pulled.path)
+
+
+def test_the_build_is_done_for_the_same_inputs_only(built, tiny_dlm, tiny_specialist, demo_root):
+    from dlm_factory.dlm.checkpoint.record import is_done
+    from dlm_factory.dlm.stages.ensemble import ensemble_key
+
+    cfg = tiny_config(demo_root)
+    assert is_done(built.output, ensemble_key(tiny_dlm, tiny_specialist, cfg, base=tiny_dlm))
+    assert not is_done(built.output, ensemble_key(tiny_dlm, tiny_specialist, cfg))  # no base: another ensemble
+    other = cfg.model_copy(update={"lambdas": [0.25]})
+    assert not is_done(built.output, ensemble_key(tiny_dlm, tiny_specialist, other, base=tiny_dlm))
+    private = cfg.model_copy(update={"context": "secret user notes"})
+    key = ensemble_key(tiny_dlm, tiny_specialist, private, base=tiny_dlm)
+    assert "secret" not in key.model_dump_json()  # a private context enters the record by digest only
