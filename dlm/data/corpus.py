@@ -286,3 +286,28 @@ class Blocks:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             rows.extend(perm[offset : offset + batch_size - len(rows)].tolist())
         return {"input_ids": self.ids[rows]}
+
+
+def code_prompts(docs: list[Document], n: int, *, lines: int = 3, per_document: int | None = None) -> list[str]:
+    """Up to ``n`` prompts: the first ``lines`` lines of each ``def``/``class`` in ``docs``, dedented.
+
+    Documents are taken round-robin (one definition from each in turn), so a few long
+    files do not crowd out the others; ``per_document`` caps what one file gives.
+    Deterministic: the same documents give the same prompts.
+    """
+    import textwrap
+
+    per_file = []
+    for doc in docs:
+        src = doc.text.splitlines()
+        found = []
+        for i, line in enumerate(src[: max(len(src) - lines, 0)]):
+            head = line.lstrip()
+            if head.startswith(("def ", "async def ", "class ")) and line.rstrip().endswith(":"):
+                found.append(textwrap.dedent("\n".join(src[i : i + lines])) + "\n")
+        per_file.append(found[:per_document] if per_document is not None else found)
+    prompts, k = [], 0
+    while len(prompts) < n and any(k < len(f) for f in per_file):
+        prompts += [f[k] for f in per_file if k < len(f)]
+        k += 1
+    return prompts[:n]

@@ -134,3 +134,75 @@ def ar_nll(model, ids, *, attention_mask=None, keep=None, batch_size: int = 32) 
         total_nll += float(loss) * n
         total += n
     return Estimate(total_nll / max(total, 1) / math.log(2), 0.0, total, 1, "nll")
+
+
+def _sequence_nll(logp: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum of -log p(target) over the scored positions: [b] float64 on the CPU."""
+    return (-logp.gather(-1, targets)[..., 0] * scored).sum(-1).double().cpu()
+
+
+def _ratio_stderr(sums: torch.Tensor, counts: torch.Tensor) -> float:
+    """Standard error across sequences of sum(sums) / sum(counts) (the ratio estimator, delta method)."""
+    n = sums.numel()
+    if n < 2:
+        return float("nan")
+    r = sums.sum() / counts.sum()
+    resid = sums - r * counts
+    return float(torch.sqrt((resid**2).sum() * n / (n - 1)) / counts.sum())
+
+
+@torch.no_grad()
+def ar_combined_nll(models: dict[str, object], candidates: dict[str, dict[str, float]], ids, *,
+                    attention_mask=None, keep=None, batch_size: int = 32) -> dict[str, Estimate]:
+    """Exact NLL (bits/token) of AR models and of token-by-token log-space combinations of them.
+
+    The AR counterpart of ``dlm.diffusion.ensemble`` (SSD-2's "AR collaboration"): candidate
+    ``c`` predicts ``log_softmax(sum_m w_cm log_softmax(logits_m))`` at every position, e.g.
+    ``{"poe@0.5": {"general": 1.0, "spec": 0.5}}``. Every model runs once per batch; each
+    model alone is reported under its own name, and ``"<c>-<first model>"`` is the paired
+    difference. Tokens scored as in ``ar_nll``. The NLL is exact, so ``stderr`` is the
+    spread across sequences (standard error of the ratio over windows), not Monte Carlo.
+    """
+    names = list(models)
+    unknown = {m for w in candidates.values() for m in w} - set(names)
+    if unknown:
+        raise FactoryError(f"combination weights for unknown models: {sorted(unknown)}")
+    device = model_device(models[names[0]])
+    rows = {k: [] for k in [*names, *candidates]}
+    counts = []
+    for lo in range(0, ids.shape[0], batch_size):
+        x = ids[lo : lo + batch_size].to(device)
+        am = None if attention_mask is None else attention_mask[lo : lo + batch_size].to(device)
+        target = torch.ones_like(x[:, 1:], dtype=torch.bool)
+        if am is not None:
+            target &= am[:, 1:].bool()
+        if keep is not None:
+            target &= ~keep[lo : lo + batch_size, 1:].to(device).bool()
+        logp = {}
+        for name in names:
+            m = models[name]
+            with inference_autocast(device):
+                logits = m(input_ids=x.to(model_device(m)), attention_mask=None if am is None else am.to(model_device(m)),
+                           use_cache=False).logits[:, :-1]
+            logp[name] = logits.float().to(device).log_softmax(-1)
+        V = min(lp.shape[-1] for lp in logp.values())
+        y = x[:, 1:, None]
+        for name in names:
+            rows[name].append(_sequence_nll(logp[name][..., :V], y, target))
+        for cand, weights in candidates.items():
+            total = sum(w * logp[m][..., :V] for m, w in weights.items() if w != 0.0)
+            rows[cand].append(_sequence_nll(total.log_softmax(-1), y, target))
+        counts.append(target.sum(-1).double().cpu())
+    n_tok = torch.cat(counts)
+    if float(n_tok.sum()) == 0:
+        raise FactoryError("nothing to evaluate: no tokens left after the prompt/first token")
+    sums = {k: torch.cat(v) for k, v in rows.items()}
+    ln2 = math.log(2)
+    out = {k: Estimate(float(s.sum() / n_tok.sum()) / ln2, _ratio_stderr(s, n_tok) / ln2, int(n_tok.sum()), 1, "nll")
+           for k, s in sums.items()}
+    first = names[0]
+    for k in [*names[1:], *candidates]:
+        d = sums[k] - sums[first]
+        out[f"{k}-{first}"] = Estimate(float(d.sum() / n_tok.sum()) / ln2, _ratio_stderr(d, n_tok) / ln2,
+                                       int(n_tok.sum()), 1, "nll_difference")
+    return out

@@ -13,7 +13,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with a diffusion LM (LLaDA remasking or Fast-dLLM threshold decoding)",
                        description="Print the text generated after each --prompt. The model must be a diffusion "
                                    "checkpoint (with diffusion.json).")
-    p.add_argument("--model", required=True, help="diffusion checkpoint: dir, file:// or s3:// URL")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="diffusion checkpoint: dir, file:// or s3:// URL")
+    which.add_argument("--ensemble", help="an ensemble dir (ENSEMBLE.json), or a dir of user ensembles "
+                                          "(<dir>/<user>/ENSEMBLE.json) to route among")
+    p.add_argument("--user", help="with --ensemble: the user whose ensemble answers (default: route each "
+                                  "prompt by the specialists' prefix ELBO)")
+    p.add_argument("--context", help="with --ensemble: private context text the specialist sees")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--length", type=int, help="response length in tokens (default: 64)")
     p.add_argument("--steps", type=int, help="llada: denoising steps (default: length)")
@@ -64,6 +70,12 @@ def _generate(args) -> int:
     if args.sampler == "speculative":
         return _speculative(args)
     cfg = sampler_config(args)  # bad flags fail before the model is loaded
+    if args.ensemble is not None:
+        return _generate_ensemble(args, cfg)
+    if args.user is not None or args.context is not None:
+        from dlm_factory.dlm.errors import FactoryError
+
+        raise FactoryError("--user and --context apply to --ensemble only")
 
     import time
 
@@ -92,6 +104,36 @@ def _generate(args) -> int:
         print(json.dumps({"prompts": args.prompt, "texts": texts, "seconds": round(seconds, 3),
                           "config": cfg.model_dump()}))
     else:
+        for text in texts:
+            print(text)
+    return 0
+
+
+def _generate_ensemble(args, cfg) -> int:
+    import time
+
+    from dlm_factory.dlm.checkpoint.ensemble import generate_routed, load_ensembles
+
+    ensembles = load_ensembles(args.ensemble, user=args.user)  # a user without an ensemble: one error line
+    tok = next(iter(ensembles.values())).tokenizer
+
+    def stream(step):
+        for b, pairs in enumerate(step.committed):
+            if pairs:
+                pieces = " ".join(f"{off}:{tok.decode([t])!r}" for off, t in pairs)
+                print(f"[step {step.step} block {step.block} row {b}] +{len(pairs)} {pieces}", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    users, texts = generate_routed(ensembles, args.prompt, cfg, context=args.context,
+                                   on_step=stream if args.stream else None, chat=False if args.raw else None)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"prompts": args.prompt, "users": users, "texts": texts, "seconds": round(seconds, 3),
+                          "routed": args.user is None and len(ensembles) > 1, "config": cfg.model_dump()}))
+    else:
+        if args.user is None and len(ensembles) > 1:
+            for i, u in enumerate(users):
+                print(f"routed prompt {i} to user {u}", file=sys.stderr)
         for text in texts:
             print(text)
     return 0

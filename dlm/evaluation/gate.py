@@ -1,0 +1,205 @@
+"""The validation gate: an ensemble is publishable only if it beats each member on the user's held-out data.
+
+Two kinds of checks, on the user's held-out (test) windows and prompts:
+
+1. Likelihood: the ensemble's ELBO must be lower than each member's alone by at least
+   ``margin`` bits/token, with confidence: ``(member - ensemble) - z * stderr >= margin``,
+   where the difference and its standard error come from ``paired_elbo`` (every
+   contender scored on the same noisy draws, so the error is that of the difference).
+   The error bar covers the Monte Carlo noise of the estimate on this split (two
+   independent draws per stratum), not the choice of documents.
+2. Samples: with the same prompts and sampler settings, the ensemble's samples must not
+   be worse than the general model's: judge NLL at most ``(1 + judge_tolerance)`` times
+   the general's, parse rate at most ``parse_tolerance`` below it. The judge is an AR
+   checkpoint that is not a contender (default: the general model's AR root, which if
+   anything favours the general model).
+
+The report is written as ``gate.json`` and ``gate.md`` and travels with the ensemble into
+the catalog; a failing gate publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from dlm_factory.dlm.evaluation.likelihood import paired_elbo
+from dlm_factory.dlm.evaluation.metrics import judge_nll, parse_rate
+from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
+
+GATE_JSON = "gate.json"
+GATE_MD = "gate.md"
+
+
+def _default_sampler() -> SamplerConfig:
+    return SamplerConfig(length=64, block_size=32, stop_at_eos=True)
+
+
+class GateConfig(BaseModel):
+    """Thresholds of the validation gate (defaults: the embedded demo)."""
+
+    margin: float = Field(0.0, ge=0.0, description="bits/token by which the ensemble's ELBO must beat each member's (beyond z standard errors)")
+    z: float = Field(2.0, ge=0.0, description="standard errors of the paired difference required beyond the margin (2: ~97.7% one-sided)")
+    judge_tolerance: float = Field(0.02, ge=0.0, description="tolerated relative increase of the samples' judge NLL over the general model's")
+    parse_tolerance: float = Field(0.0, ge=0.0, le=1.0, description="tolerated absolute drop of the samples' parse rate below the general model's")
+    prompts: int = Field(16, ge=0, description="held-out prompts sampled by the ensemble and the general model (0: skip the sample checks)")
+    prompt_lines: int = Field(3, ge=1, description="lines of each held-out definition used as a prompt")
+    sampler: SamplerConfig = Field(default_factory=_default_sampler, description="sampler settings shared by both contenders")
+
+
+@dataclass
+class Check:
+    """One gate criterion: passed when ``value`` is on the right side of ``threshold``."""
+
+    name: str
+    passed: bool
+    value: float
+    threshold: float
+    detail: str
+
+
+@dataclass
+class GateReport:
+    """What the gate decided and why (``gate.json``; ``gate.md`` renders it)."""
+
+    passed: bool
+    user: str | None
+    combination: dict
+    checks: list[Check]
+    elbo: dict  # contender -> Estimate dict; "<member>-ensemble" -> paired difference
+    quality: dict  # contender -> {judge_nll, parse_rate, samples}
+    config: dict
+    windows: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def elbo_checks(estimates: dict, members: list[str], cfg: GateConfig) -> list[Check]:
+    """``(member - ensemble) - z * stderr >= margin`` for each member (``estimates`` from paired_elbo
+    with the ensemble first)."""
+    checks = []
+    for name in members:
+        diff = estimates[f"{name}-ensemble"]
+        bound = diff.bits_per_token - cfg.z * diff.stderr
+        checks.append(Check(
+            name=f"elbo_beats_{name}", passed=bound >= cfg.margin, value=bound, threshold=cfg.margin,
+            detail=(f"{name} - ensemble = {diff.bits_per_token:+.4f} +- {diff.stderr:.4f} bits/token; "
+                    f"lower bound at z={cfg.z:g}: {bound:+.4f} (needs >= {cfg.margin:g})")))
+    return checks
+
+
+def quality_checks(quality: dict, cfg: GateConfig) -> list[Check]:
+    """The ensemble's samples against the general model's: judge NLL and parse rate."""
+    ens, gen = quality["ensemble"], quality["general"]
+    limit = gen["judge_nll"] * (1 + cfg.judge_tolerance)
+    judge_ok = math.isfinite(ens["judge_nll"]) and ens["judge_nll"] <= limit
+    floor = gen["parse_rate"] - cfg.parse_tolerance
+    return [
+        Check(name="judge_nll_not_worse", passed=judge_ok, value=ens["judge_nll"], threshold=limit,
+              detail=f"ensemble {ens['judge_nll']:.4f} vs general {gen['judge_nll']:.4f} nats/token "
+                     f"(tolerance {cfg.judge_tolerance:.0%})"),
+        Check(name="parse_rate_not_worse", passed=ens["parse_rate"] >= floor - 1e-12, value=ens["parse_rate"],
+              threshold=floor, detail=f"ensemble {ens['parse_rate']:.3f} vs general {gen['parse_rate']:.3f} "
+                                      f"(tolerance {cfg.parse_tolerance:g})"),
+    ]
+
+
+def sample_quality(denoisers: dict[str, object], prompt_texts: list[str], tokenizer, judge,
+                   sampler: SamplerConfig) -> dict:
+    """Sample each contender on the same prompts; judge NLL (nats/token) and parse rate of prompt + response."""
+    from dlm_factory.dlm.sampling.generate import encode_prompts
+
+    prompt_ids = encode_prompts(tokenizer, prompt_texts)
+    out = {}
+    for name, den in denoisers.items():
+        start = time.perf_counter()
+        ids = sample(den, prompt_ids, sampler)
+        seconds = time.perf_counter() - start
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        out[name] = {"judge_nll": judge_nll(judge, prompt_ids, ids), "parse_rate": parse_rate(
+            [p + t for p, t in zip(prompt_texts, texts, strict=True)]), "seconds": seconds,
+            "blank_rate": sum(not t.strip() for t in texts) / len(texts),  # informative: blanks score well on both
+            "examples": texts[:2]}
+    return out
+
+
+def run_gate(ensemble, members: dict[str, object], windows, *, cfg: GateConfig, mc_samples: int = 64,
+             seed: int = 0, batch_size: int = 16, prompts: list[str] | None = None, judge=None,
+             user: str | None = None, combination: dict | None = None) -> GateReport:
+    """Evaluate the gate on held-out ``windows`` (a ``Windows``) and ``prompts``.
+
+    ``members`` maps member names (the first is the general model) to their denoisers.
+    Sample checks run when ``prompts`` and a ``judge`` are given and ``cfg.prompts > 0``.
+    """
+    start = time.perf_counter()
+    contenders = {"ensemble": ensemble, **members}
+    est = paired_elbo(contenders, windows.ids, attention_mask=windows.attention_mask, keep=windows.keep,
+                      n=mc_samples, seed=seed, batch_size=batch_size)
+    checks = elbo_checks(est, list(members), cfg)
+    quality: dict = {}
+    notes = [f"ELBO error bars: Monte Carlo standard errors ({2 * ((mc_samples + 1) // 2)} draws per window, "
+             "two per stratum), paired across contenders; they do not cover the choice of documents"]
+    if cfg.prompts and prompts and judge is not None:
+        general = next(iter(members))
+        quality = sample_quality({"general": members[general], "ensemble": ensemble}, prompts[: cfg.prompts],
+                                 ensemble.tokenizer, judge, cfg.sampler)
+        checks += quality_checks(quality, cfg)
+    else:
+        notes.append("sample checks skipped (no prompts or no judge)")
+    return GateReport(passed=all(c.passed for c in checks), user=user, combination=combination or {},
+                      checks=checks, elbo={k: v.to_dict() for k, v in est.items()}, quality=quality,
+                      config=cfg.model_dump(), windows=int(windows.ids.shape[0]),
+                      seconds=time.perf_counter() - start, notes=notes)
+
+
+def markdown(report: GateReport | dict) -> str:
+    """``gate.md``: the decision, the checks, the ELBO table and the sample quality."""
+    r = report.to_dict() if isinstance(report, GateReport) else report
+    verdict = "PASSED: publishable" if r["passed"] else "FAILED: not publishable"
+    comb = r.get("combination") or {}
+    lines = [f"# Validation gate: {verdict}", ""]
+    if r.get("user"):
+        lines.append(f"User: `{r['user']}`  ")
+    if comb:
+        lines.append(f"Combination: {comb.get('rule', '?')}, lambda = {comb.get('lambda', '?')}  ")
+    lines += [f"Held-out windows: {r['windows']}", "", "| check | result | value | threshold | detail |",
+              "|---|---|---:|---:|---|"]
+    for c in r["checks"]:
+        lines.append(f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {c['value']:.4f} | "
+                     f"{c['threshold']:.4f} | {c['detail']} |")
+    lines += ["", "| contender | ELBO (bits/token) | stderr |", "|---|---:|---:|"]
+    for name, e in r["elbo"].items():
+        lines.append(f"| {name} | {e['bits_per_token']:.4f} | {e['stderr']:.4f} |")
+    if r["quality"]:
+        lines += ["", "| samples | judge NLL (nats/token) | parse rate | blank responses | seconds |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, q in r["quality"].items():
+            nll = "n/a" if q["judge_nll"] is None else f"{q['judge_nll']:.4f}"
+            lines.append(f"| {name} | {nll} | {q['parse_rate']:.3f} | {q.get('blank_rate', 0):.3f} | {q['seconds']:.1f} |")
+    if r.get("notes"):
+        lines += [""] + [f"- {n}" for n in r["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: GateReport, directory: str | Path) -> tuple[Path, Path]:
+    """Write ``gate.json`` and ``gate.md`` into ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    data = report.to_dict()
+    (d / GATE_JSON).write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    (d / GATE_MD).write_text(markdown(data))
+    return d / GATE_JSON, d / GATE_MD
+
+
+def read_report(directory: str | Path) -> dict | None:
+    """The gate report in ``directory`` (None when there is none)."""
+    p = Path(directory) / GATE_JSON
+    return json.loads(p.read_text()) if p.is_file() else None
