@@ -54,3 +54,13 @@ def test_paired_difference_cancels_what_the_samples_share():
     assert se < pooled_mean(a)[1]  # the unpaired error bars are far larger
     with pytest.raises(ValueError):
         paired_difference(a, a[:2])
+
+
+def test_independent_chunks_combine_by_tokens_and_add_variances():
+    from bench.instruct import combine
+    from dlm_factory.dlm.evaluation.likelihood import Estimate
+
+    est = combine([Estimate(2.0, 0.3, 10, 8, "elbo"), Estimate(5.0, 0.4, 30, 8, "elbo")])
+    assert est.bits_per_token == pytest.approx((2.0 * 10 + 5.0 * 30) / 40)
+    assert est.stderr == pytest.approx(math.hypot(0.3 * 10, 0.4 * 30) / 40)
+    assert (est.tokens, est.samples, est.kind) == (40, 8, "elbo")
