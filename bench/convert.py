@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -265,4 +267,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
     main()
