@@ -255,7 +255,7 @@ def clean(obj):
     return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
-def judge_strength(judge, ar, windows: int = 32) -> dict:
+def judge_strength(judge, ar, windows: int = 64) -> dict:
     """Exact held-out NLL (bits/token) of the judge and of the AR contender on the same rolling windows
     (each with its own tokenizer; the figures are comparable when the tokenizers are equal)."""
     docs = read_documents("stdlib:heldout")
