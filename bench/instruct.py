@@ -8,14 +8,21 @@ from module files no stage trained on):
   padding (the default) and with EOS padding (LLaDA's original), and the AR base
   (``--ar``) tuned with next-token SFT: same data, rows, steps, batch and learning rate;
 - the untuned converted DLM and the untuned AR base, for reference;
-- the judge: a separate AR SFT of ``--ar`` (seed ``--judge-seed``, so no contender is
-  scored by itself); every generation is also scored by the untuned AR base, to show
-  why an untuned judge misleads;
+- the judge: an AR SFT (seed ``--judge-seed``) of ``--judge-base``, an AR model of
+  another size and seed than the contenders' base (default: bench/sampling.py's judge,
+  which that bench trains once under $FACTORY_HOME/models), so the judge is neither a
+  contender nor the AR baseline's sibling; ``--judge-base`` = ``--ar`` gives the old,
+  sibling judge. Every generation is also scored by the untuned AR base, to show why an
+  untuned judge misleads;
 - the tuned DLM's generations with other semi-AR block sizes (``--block-sizes``).
-Metrics: conditional ELBO (DLM) / exact NLL (AR) of the reference response in bits per
-reference token, and on greedy generations: parse rate, judge NLL (nats/token),
-first-line exact match, distinct-2. Prints one JSON line and markdown tables; writes
-bench/results/instruct.json.
+Every system is evaluated on the same held-out rows (checked). Metrics: conditional
+likelihood of the reference response in bits per reference token: exact NLL (AR), and
+for a DLM two ELBOs: the response-only bound (prompt + response + EOS, the AR figure's
+tokens) and the padded bound (the row padded to L as SFT trains it, per padded token);
+the DLMs' response-only bounds are also compared by paired differences on shared draws
+(rainbow vs EOS padding, tuned vs untuned). On greedy generations: parse rate, judge NLL
+(nats/token), first-line exact match, distinct-2. Prints one JSON line and markdown
+tables; writes bench/results/instruct.json.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -30,7 +38,16 @@ from pathlib import Path
 
 from dlm_factory.dlm.checkpoint.io import load_model
 from dlm_factory.dlm.checkpoint.record import is_done, read_record
-from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, evaluate_instruct, summary
+from dlm_factory.dlm.data.batching import collate, pad_id
+from dlm_factory.dlm.data.sft import ar_row
+from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.evaluation.instruct import (
+    InstructEvalConfig,
+    evaluate_instruct,
+    heldout_rows,
+    summary,
+)
+from dlm_factory.dlm.evaluation.likelihood import Estimate, paired_elbo
 from dlm_factory.dlm.stages.instruct import InstructConfig, instruct, instruct_key
 from dlm_factory.dlm.train.config import TrainConfig
 from dlm_factory.home import factory_home
@@ -46,6 +63,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--response-len", type=int, default=64)
+    p.add_argument("--judge-base", default=None,
+                   help="AR model the judge is tuned from (default: bench/sampling.py's judge, "
+                        "$FACTORY_HOME/models/bench-judge-ar-d320-l4-s400-seed1; --ar gives a sibling judge)")
     p.add_argument("--judge-seed", type=int, default=1, help="seed of the judge's AR SFT (the AR baseline uses 0)")
     p.add_argument("--eval-examples", type=int, default=128, help="held-out examples (the stdlib held-out split has ~100)")
     p.add_argument("--gen-examples", type=int, default=128, help="of those, how many are generated")
@@ -84,17 +104,21 @@ def main() -> int:
                         log_every=25)
     base_cfg = InstructConfig(data=args.data, response_len=args.response_len, train=train)
     judge_train = train.model_copy(update={"seed": args.judge_seed})
+    judge_base = str(Path(args.judge_base or factory_home() / "models" / "bench-judge-ar-d320-l4-s400-seed1").resolve())
+    if not Path(judge_base).is_dir():
+        raise SystemExit(f"judge base {judge_base} missing: run bench/sampling.py once (it trains it), "
+                         "or pass --judge-base")
+    jname = f"judge-ar-sft-{args.steps}-seed{args.judge_seed}-{Path(judge_base).name}"
     plan = {  # name -> (source, config)
         f"diffusion-rainbow-sft-{args.steps}": (dlm, base_cfg),
         f"diffusion-eos-sft-{args.steps}": (dlm, base_cfg.model_copy(update={"padding": "eos"})),
         f"ar-sft-{args.steps}": (ar, base_cfg.model_copy(update={"objective": "ar"})),
-        f"judge-ar-sft-{args.steps}-seed{args.judge_seed}": (ar, base_cfg.model_copy(update={"objective": "ar",
-                                                                                          "train": judge_train})),
+        jname: (judge_base, base_cfg.model_copy(update={"objective": "ar", "train": judge_train})),
     }
     tuned, timing = {}, {}
     for name, (src, cfg) in plan.items():
         tuned[name], timing[name] = tune(name, src, cfg, work)
-    judge = tuned[f"judge-ar-sft-{args.steps}-seed{args.judge_seed}"]
+    judge = tuned[jname]
 
     ecfg = InstructEvalConfig(data=args.heldout, response_len=args.response_len, max_examples=args.eval_examples,
                               gen_examples=args.gen_examples, mc_samples=args.mc_samples, judge=judge)
@@ -106,11 +130,24 @@ def main() -> int:
     for label, path in systems:
         start = time.perf_counter()
         results[label] = evaluate_instruct(path, ecfg, extra_judges=base_judge)
+        rows_used, _ = heldout_rows(load_model(path), ecfg)
+        results[label]["row_sources"] = [r.source for r in rows_used]
         results[label]["seconds"] = round(time.perf_counter() - start, 1)
         print(f"evaluated {label}: {summary(results[label])} ({results[label]['seconds']}s)", file=sys.stderr)
 
-    rows = {label: {**summary(r), "judge_nll_base": _round(r.get("generation", {}).get("judge_nll_base"))}
+    sources = {label: r.get("row_sources") for label, r in results.items()}
+    if len({json.dumps(v) for v in sources.values()}) != 1:
+        raise SystemExit(f"systems were evaluated on different rows: {sources}")
+    rows = {label: {**summary(r), "judge_nll_base": _round(r.get("generation", {}).get("judge_nll_base")),
+                    "padded_bits_per_token": _round(r["likelihood"].get("padded_bits_per_token"), 4),
+                    "padded_stderr": _round(r["likelihood"].get("padded_stderr"), 4)}
             for label, r in results.items()}
+    start = time.perf_counter()
+    paired = paired_conditional({"rainbow": tuned[f"diffusion-rainbow-sft-{args.steps}"],
+                                 "eos": tuned[f"diffusion-eos-sft-{args.steps}"], "untuned": dlm}, ecfg)
+    paired_summary = {k: {"bits_per_token": round(v.bits_per_token, 4), "stderr": round(v.stderr, 4)}
+                      for k, v in paired.items()}
+    print(f"paired response-only bounds: {paired_summary} ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
     ablation = sampler_ablation(tuned[f"diffusion-rainbow-sft-{args.steps}"], ecfg,
                                 [int(b) for b in args.block_sizes.split(",") if b.strip()], base_judge)
     d_un, d_sft, a_sft = rows["DLM untuned"], rows["DLM + diffusion SFT (rainbow)"], rows["AR + AR SFT"]
@@ -130,19 +167,31 @@ def main() -> int:
     line = {"bench": "instruct", "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
             "response_len": args.response_len, "eval_examples": examples,
             "gen_examples": min(args.gen_examples, examples), "mc_samples": args.mc_samples, "judge": judge,
-            "base_judge": ar, "results": rows, "sampler_ablation": ablation, "tuned_dlm_beats_untuned": better,
+            "judge_base": judge_base, "base_judge": ar, "results": rows, "paired_response_bounds": paired_summary,
+            "sampler_ablation": ablation, "tuned_dlm_beats_untuned": better,
             "ratios": ratios, "training": timing,
             "samples": {label: r.get("generation", {}).get("samples", [])[:3] for label, r in results.items()}}
     print(json.dumps(line))
     print()
-    print("| system | cond. bits/token (kind) | parse rate | judge NLL, AR SFT judge | judge NLL, untuned AR | "
-          "exact first line | first-line similarity | distinct-2 | mean length (tok) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| system | cond. bits/ref. token: response-only (kind) | padded bound (DLM) | parse rate | "
+          "judge NLL, AR SFT judge | judge NLL, untuned AR | exact first line | first-line similarity | "
+          "distinct-2 | mean length (tok) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
-        print(f"| {label} | {r['cond_bits_per_token']:.3f} ± {r['stderr']:.3f} ({r['kind']}) | {r['parse_rate']:.3f} | "
+        resp = (f"{r['cond_bits_per_token']:.3f} ± {r['stderr']:.3f} (elbo)" if r["kind"] == "elbo"
+                else f"{r['cond_bits_per_token']:.3f} (exact nll)")
+        padded = "n/a" if r["padded_bits_per_token"] is None else f"{r['padded_bits_per_token']:.3f} ± {r['padded_stderr']:.3f}"
+        print(f"| {label} | {resp} | {padded} | {r['parse_rate']:.3f} | "
               f"{_fmt(r['judge_nll'])} | {_fmt(r['judge_nll_base'])} | {r['exact_first_line']:.3f} | "
               f"{r['first_line_similarity']:.3f} | "
               f"{_fmt(r['distinct_2'])} | {_fmt(r['mean_tokens'], 1)} |")
+    print()
+    print("| response-only bound, paired on shared draws (same rows, same noisy inputs) | bits/ref. token ± stderr |")
+    print("|---|---|")
+    v = paired_summary["untuned-rainbow"]
+    print(f"| rainbow SFT - untuned | {-v['bits_per_token']:+.3f} ± {v['stderr']:.3f} |")
+    v = paired_summary["eos-rainbow"]
+    print(f"| EOS padding - rainbow padding | {v['bits_per_token']:+.3f} ± {v['stderr']:.3f} |")
     if ablation:
         print()
         print("| tuned DLM (rainbow), threshold sampler | parse rate | judge NLL | exact first line | "
@@ -164,9 +213,44 @@ def main() -> int:
     return 0
 
 
+def combine(chunks: list[Estimate]) -> Estimate:
+    """One estimate from independent chunks (separate seeds): token-weighted mean, variances added."""
+    count = sum(e.tokens for e in chunks)
+    bits = sum(e.bits_per_token * e.tokens for e in chunks) / count
+    stderr = math.sqrt(sum((e.stderr * e.tokens) ** 2 for e in chunks)) / count
+    return Estimate(bits, stderr, count, chunks[0].samples, chunks[0].kind)
+
+
+def paired_conditional(models: dict[str, str], ecfg: InstructEvalConfig) -> dict[str, Estimate]:
+    """Response-only conditional ELBOs of diffusion models on shared draws, with ``"<b>-<first>"`` differences.
+
+    Rows are prompt + response + EOS (no padding), so every model scores the same ids whatever padding
+    it was tuned with; chunked and seeded as ``conditional_likelihood`` (chunk i: seed + i), which makes
+    each model's figure equal to its own response-only bound there. Differences pair on shared draws.
+    """
+    loaded = {name: load_model(path) for name, path in models.items()}
+    first = next(iter(loaded.values()))
+    rows, _ = heldout_rows(first, ecfg)
+    for name, m in loaded.items():
+        other, _ = heldout_rows(m, ecfg)
+        if [(r.prompt, r.response) for r in other] != [(r.prompt, r.response) for r in rows]:
+            raise SystemExit(f"{name} formats the held-out rows differently: no paired comparison")
+    eos, pad = first.tokenizer.eos_token_id, pad_id(first.tokenizer)
+    ordered = sorted(rows, key=lambda r: len(r.prompt) + len(r.response))
+    denoisers = {name: ModelDenoiser(m) for name, m in loaded.items()}
+    per_chunk: dict[str, list[Estimate]] = {}
+    for i, lo in enumerate(range(0, len(ordered), ecfg.batch_size)):
+        b = collate([ar_row(r, eos) for r in ordered[lo : lo + ecfg.batch_size]], pad)
+        est = paired_elbo(denoisers, b["input_ids"], attention_mask=b["attention_mask"], keep=b["prompt_mask"],
+                          n=ecfg.mc_samples, seed=ecfg.seed + i, batch_size=ecfg.batch_size)
+        for k, v in est.items():
+            per_chunk.setdefault(k, []).append(v)
+    return {k: combine(v) for k, v in per_chunk.items()}
+
+
 def sampler_ablation(model: str, ecfg: InstructEvalConfig, block_sizes: list[int], extra_judges: dict) -> dict:
     """Generation metrics of ``model`` with other semi-AR block sizes (LLaDA: smaller blocks curb EOS over-production)."""
-    from dlm_factory.dlm.evaluation.instruct import generation_metrics, generations, heldout_rows
+    from dlm_factory.dlm.evaluation.instruct import generation_metrics, generations
 
     if not block_sizes:
         return {}

@@ -85,3 +85,15 @@ def test_odd_sample_counts_round_up_and_one_sample_is_refused():
     assert elbo(Uniform(64, spec()), ids, n=5).samples == 6
     with pytest.raises(FactoryError, match="at least 2"):
         elbo(Uniform(64, spec()), ids, n=1)
+
+
+def test_paired_elbo_pairs_shift_and_no_shift_on_the_draws_each_sees_alone():
+    from dlm_factory.dlm.errors import FactoryError
+
+    ids = torch.randint(10, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+    shifted, plain = Uniform(64, spec(shift=True)), Uniform(128, spec(shift=False))
+    res = paired_elbo({"shift": shifted, "no_shift": plain}, ids, n=8, seed=3)
+    assert res["no_shift"].bits_per_token == elbo(plain, ids, n=8, seed=3).bits_per_token
+    assert res["shift"].bits_per_token == elbo(shifted, ids, n=8, seed=3).bits_per_token
+    with pytest.raises(FactoryError, match="one mask token"):
+        paired_elbo({"a": shifted, "b": Uniform(64, spec(mask=4))}, ids, n=8)
