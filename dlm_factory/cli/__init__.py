@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "dlm_factory.cli.generate",  # generate
     "dlm_factory.cli.instruct",  # instruct, instruct-eval
     "dlm_factory.cli.specialize",  # specialize
+    "dlm_factory.cli.scale",  # scale
     "dlm_factory.catalog.cli",  # catalog publish/pull/list/show/verify/gc
     "dlm_factory.cli.demo",  # demo (Prefect flows)
 ]
