@@ -66,14 +66,17 @@ def model_shape(config) -> Shape:
     return Shape(config.num_hidden_layers, config.hidden_size)
 
 
-def grown_config(config, shape: Shape):
-    """The config of ``config`` grown to ``shape`` (heads of the same size, MLP in the same ratio)."""
+def grown_config(config, shape: Shape, *, allow_shrink: bool = False):
+    """The config of ``config`` grown to ``shape`` (heads of the same size, MLP in the same ratio).
+
+    ``allow_shrink``: a smaller shape too (a config to initialise at random, not to grow into).
+    """
     model_type = getattr(config, "model_type", "?")
     if model_type not in GROWABLE:
         raise FactoryError(f"growth supports Llama-style decoders ({', '.join(sorted(GROWABLE))}), not {model_type}; "
                            "give a ladder of checkpoints instead")
     old = model_shape(config)
-    if shape.layers < old.layers or shape.hidden < old.hidden:
+    if not allow_shrink and (shape.layers < old.layers or shape.hidden < old.hidden):
         raise FactoryError(f"cannot grow {old} to {shape}: growth only adds layers and width")
     hd = head_dim(config)
     heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
@@ -89,10 +92,11 @@ def grown_config(config, shape: Shape):
     new.num_attention_heads = shape.hidden // hd
     new.num_key_value_heads = new.num_attention_heads // group
     new.intermediate_size = int(round(config.intermediate_size * ratio))
-    new.rms_norm_eps = config.rms_norm_eps / ratio
+    if not allow_shrink:  # growth: exact RMSNorm over the wider stream (a config for random init keeps eps)
+        new.rms_norm_eps = config.rms_norm_eps / ratio
     if getattr(new, "layer_types", None) is not None:  # per-layer attention kinds (sliding/full) follow the layers
         kinds = list(config.layer_types)
-        new.layer_types = [kinds[j] for j in depth_map(old.layers, shape.layers)[0]]
+        new.layer_types = [kinds[min(j, len(kinds) - 1)] for j in depth_map(old.layers, max(shape.layers, old.layers))[0]][: shape.layers]
     if getattr(new, "max_window_layers", None) is not None:
         new.max_window_layers = shape.layers
     return new

@@ -217,8 +217,8 @@ def plan_ladder(model: str | os.PathLike, cfg: ScaleConfig) -> Plan:
     for i, entry in enumerate(entries):
         if is_shape(entry):
             shape = Shape.parse(entry)
-            if cfg.init == "scratch":
-                c = grown_config(base_cfg, shape) if shape != model_shape(base_cfg) else base_cfg
+            if cfg.init == "scratch":  # any shape of the family, smaller than the model too
+                c = grown_config(base_cfg, shape, allow_shrink=True) if shape != model_shape(base_cfg) else base_cfg
             else:
                 c = grown_config(base_cfg, shape)  # refuses shrinking and shapes that are not whole heads
             kind, source, label = ("scratch" if cfg.init == "scratch" else "grow"), os.fspath(model), str(shape)
@@ -346,8 +346,8 @@ def train_rung(job: RungJob, *, progress: bool = False) -> dict:
         model = grow(model, Shape.parse(rung.shape), seed=seed + rung.index)
     elif rung.kind == "scratch":
         shape = Shape.parse(rung.shape)
-        c = grown_config(model.config, shape) if (model.config.num_hidden_layers, model.config.hidden_size) != \
-            (shape.layers, shape.hidden) else model.config
+        c = grown_config(model.config, shape, allow_shrink=True) \
+            if (model.config.num_hidden_layers, model.config.hidden_size) != (shape.layers, shape.hidden) else model.config
         torch.manual_seed(seed + rung.index)
         model = AutoModelForCausalLM.from_config(c, attn_implementation=model.config._attn_implementation)
         model.to(rt.device)

@@ -283,3 +283,80 @@ def test_upload_writes_its_marker_last(tmp_path):
     assert upload_complete(url)
     manifest = json.loads((tmp_path / "dest" / UPLOAD_MARKER).read_text())["files"]
     assert list(manifest) == ["sub/w.bin", "stage.json"] and manifest["sub/w.bin"] == 10
+
+
+# --- the CLI: bad input is one error line, exit code 2, nothing written ---------------------------------------
+
+
+def cli(capsys, *argv):
+    from dlm_factory.cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code, err, out, *needles):
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--zero", "4"], ["ZeRO stage 4 is not supported"]),
+    (["--ladder", "3x64,2x64"], ["not increasing"]),
+    (["--ladder", "2x64,2x64"], ["appears twice"]),
+    (["--memory-limit", "0.001"], ["cannot fit", "GiB per rank", "available"]),
+    (["--nproc", "999"], ["--nproc 999", "at most"]),
+    (["--ladder", "2x64,2x80"], ["whole number"]),
+])
+def test_cli_refuses_bad_input_without_writing(capsys, tmp_path, tiny_ar, argv, needles):
+    out = tmp_path / "ladder"
+    base = {"--ladder": "2x64,3x64", "--budget": "1e10", "--seq-len": "32", "--max-chars": "50000"}
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        base[flag] = value
+    args = [x for kv in base.items() for x in kv]
+    code, err = cli(capsys, "scale", "--model", tiny_ar, "--output", str(out), "--device", "cpu", *args)
+    assert_refused(code, err, out, *needles)
+
+
+def test_cli_refuses_a_family_with_mismatched_tokenizers(capsys, tmp_path, tiny_ar):
+    from dlm_factory.dlm.data.corpus import stdlib_documents
+    from tests.dlm.helpers import plain_tokenizer, save_random_checkpoint
+
+    other = save_random_checkpoint("llama", plain_tokenizer([d.text for d in stdlib_documents("train", max_chars=20_000)]),
+                                   tmp_path / "other")
+    out = tmp_path / "ladder"
+    code, err = cli(capsys, "scale", "--model", tiny_ar, "--ladder", f"{tiny_ar},{other}", "--output", str(out),
+                    "--device", "cpu", "--budget", "1e10", "--seq-len", "32")
+    assert_refused(code, err, out, "tokenizer differs")
+
+
+def test_cli_refuses_an_output_holding_another_ladder(capsys, tmp_path, tiny_ar):
+    out = tmp_path / "ladder"
+    out.mkdir()
+    (out / "something").write_text("x")
+    code, err = cli(capsys, "scale", "--model", tiny_ar, "--ladder", "2x64,3x64", "--output", str(out),
+                    "--device", "cpu", "--budget", "1e10", "--seq-len", "32", "--max-chars", "50000")
+    assert code == 2 and "output already exists" in err
+    assert sorted(p.name for p in out.iterdir()) == ["something"]
+
+
+@pytest.mark.slow
+def test_ladder_on_two_processes_under_zero2_uploads_to_a_url(tiny_ar, tmp_path, monkeypatch):
+    """The whole stage through torchrun (2 ranks, ZeRO-2), written to a URL output: staged, uploaded, marker last."""
+    from dlm_factory.dlm.checkpoint.io import load_model
+    from dlm_factory.dlm.paths import upload_complete
+    from dlm_factory.dlm.stages.scale import scale
+
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    url = (tmp_path / "bucket" / "ladder").as_uri()
+    cfg = small(ladder="2x64,3x64", zero=2, nproc=2, budget=1e10, max_chars=60_000)
+    report = scale(tiny_ar, url, cfg)
+    assert upload_complete(url)
+    assert {r["world_size"] for r in report["rows"]} == {2}
+    local = tmp_path / "bucket" / "ladder"
+    assert (local / "stage.json").is_file() and (local / "scaling.png").is_file()
+    dlm = load_model(local / "rungs" / "r1-3x64" / "diffusion")
+    assert dlm.is_diffusion and dlm.model.config.num_hidden_layers == 3
