@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--throughput-budget", type=float, default=3e11, help="FLOPs of each throughput run")
+    p.add_argument("--throughput-repeats", type=int, default=2, help="runs of each process count, interleaved ABBA")
     p.add_argument("--work", help="working dir (default: a temp dir)")
     p.add_argument("--out", default="bench/results/scale.json")
     return p.parse_args()
@@ -82,18 +84,23 @@ def main() -> int:
     report = scale(model, work / "ladder", cfg)
     ladder_s = time.perf_counter() - t0
 
-    # Throughput: the middle rung, diffusion, 1 process vs 2 processes (ZeRO-2), same global batch.
+    # Throughput: the middle rung, diffusion, 1 process vs 2 processes (ZeRO-2), same global batch. Runs are
+    # interleaved 1, 2, 2, 1, ... (ABBA) so a change in the machine's load hits both alike; each repeat has its
+    # own seed, hence its own output and checkpoints (nothing is reused or resumed).
     middle = args.ladder.split(",")[len(args.ladder.split(",")) // 2]
-    through = {}
-    for nproc in (1, 2):
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    order = [n for r in range(args.throughput_repeats) for n in ((1, 2) if r % 2 == 0 else (2, 1))]
+    for i, nproc in enumerate(order):
         tcfg = cfg.model_copy(update={"ladder": middle, "nproc": nproc, "zero": 2, "objectives": ["diffusion"],
                                       "budget": args.throughput_budget, "min_steps": 5,
-                                      "train": train.model_copy(update={"seed": 1})})
+                                      "train": train.model_copy(update={"seed": 1000 + i})})
         plan = plan_ladder(model, tcfg)
-        out = prepare_output(work / f"throughput-{nproc}", plan, tcfg, overwrite=True)
+        out = prepare_output(work / f"throughput-{i}-{nproc}", plan, tcfg, overwrite=True)
         res = run_rung(plan, plan.rungs[0], "diffusion", tcfg, out, threads=1)
-        through[nproc] = {"tokens_per_s": res["tokens_per_s"], "seconds": res["seconds"], "steps": res["steps"],
-                          "final_loss": res["final_loss"], "world_size": res["world_size"]}
+        runs[nproc].append({"tokens_per_s": res["tokens_per_s"], "seconds": res["seconds"], "steps": res["steps"],
+                            "world_size": res["world_size"], "load_average": os.getloadavg()[0]})
+    through = {n: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs), "runs": rs}
+               for n, rs in runs.items()}
     ratio = through[2]["tokens_per_s"] / through[1]["tokens_per_s"]
     wall = time.perf_counter() - t_start
     result = {"bench": "scale", "ladder": args.ladder, "init": args.init, "budget": args.budget,
@@ -109,12 +116,13 @@ def main() -> int:
     print(json.dumps(result, default=str))
     print()
     print(markdown_report(report))
-    print("| throughput (diffusion, rung " + middle + ", same global batch) | tokens/s | steps | seconds |")
-    print("|---|---:|---:|---:|")
+    print("| throughput (diffusion, rung " + middle + ", same global batch) | tokens/s (median) | runs (tokens/s, load) |")
+    print("|---|---:|---|")
     for n in (1, 2):
         t = through[n]
-        print(f"| {n} process{'es' if n > 1 else ''}, ZeRO-2 | {t['tokens_per_s']:.0f} | {t['steps']} | {t['seconds']:.1f} |")
-    print(f"| **ratio 2 / 1** | **{ratio:.2f}x** | | |")
+        each = ", ".join(f"{r['tokens_per_s']:.0f} @ {r['load_average']:.1f}" for r in t["runs"])
+        print(f"| {n} process{'es' if n > 1 else ''}, ZeRO-2 | {t['tokens_per_s']:.0f} | {each} |")
+    print(f"| **ratio 2 / 1** | **{ratio:.2f}x** | |")
     print(f"\nwall {wall:.0f} s (ladder {ladder_s:.0f} s); load average {os.getloadavg()}")
     return 0
 

@@ -74,14 +74,18 @@ class Runtime:
             torch.distributed.init_process_group(backend=self.backend, **kwargs)
         return True
 
+    def _joined(self) -> bool:
+        """Whether collectives reach the other ranks (the process group is up; ``init_distributed`` joins it)."""
+        return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
     def barrier(self) -> None:
-        """Wait for every rank (a no-op in a single process)."""
-        if self.init_distributed():
+        """Wait for every rank (a no-op in a single process, or before the process group is up)."""
+        if self._joined():
             torch.distributed.barrier()
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of ``values`` over the ranks (the values themselves in one process)."""
-        if not self.init_distributed():
+        if not self._joined():
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
@@ -89,7 +93,7 @@ class Runtime:
 
     def all_agree(self, value: int) -> bool:
         """Whether every rank holds the same integer ``value`` (True in one process)."""
-        if not self.init_distributed():
+        if not self._joined():
             return True
         t = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

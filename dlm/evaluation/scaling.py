@@ -74,9 +74,12 @@ class PowerLaw:
 
     def compute_for(self, loss: float) -> float:
         """The compute at which the law reaches ``loss`` (inf when it never does: loss <= c)."""
-        if loss <= self.c:
+        if loss <= self.c or self.A <= 0 or self.b <= 0:
             return math.inf
-        return self.c0 * (self.A / (loss - self.c)) ** (1 / self.b)
+        try:
+            return self.c0 * (self.A / (loss - self.c)) ** (1 / self.b)
+        except OverflowError:  # a nearly flat law: out of any float's range
+            return math.inf
 
     def samples(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Parameter draws (A, b, c) from the fit's normal approximation, [n, 3]."""
@@ -194,7 +197,9 @@ def compute_multiplier(dlm: PowerLaw, ar: PowerLaw, reference: float, *, dlm_fro
     gap = ar_loss - d[:, 2]
     ok = (gap > 0) & (d[:, 0] > 0) & (d[:, 1] > 0)
     ratios = np.full(draws, np.inf)
-    ratios[ok] = dlm.c0 * (d[ok, 0] / gap[ok]) ** (1 / d[ok, 1]) / reference
+    with np.errstate(over="ignore", invalid="ignore"):
+        ratios[ok] = dlm.c0 * (d[ok, 0] / gap[ok]) ** (1 / d[ok, 1]) / reference
+    ratios[~np.isfinite(ratios)] = np.inf
     lo, hi = (float(np.percentile(ratios, q, method="nearest")) for q in (16, 84))  # inf-safe
     observed = observed_loss = None
     if dlm_frontier and ar_frontier:

@@ -190,7 +190,7 @@ def plan_ladder(model: str | os.PathLike, cfg: ScaleConfig) -> Plan:
     from dlm_factory.dlm.paths import materialize
     from dlm_factory.dlm.stages.bootstrap import load_tokenizer
     from dlm_factory.dlm.stages.grow import Shape, config_params, grown_config, model_shape
-    from dlm_factory.dlm.train.memory import GIB, available_memory, estimate_memory, host_available
+    from dlm_factory.dlm.train.memory import estimate_memory
 
     rt = runtime.current()
     limit, what = machine_procs()
@@ -250,7 +250,7 @@ def plan_ladder(model: str | os.PathLike, cfg: ScaleConfig) -> Plan:
                               seq_len=cfg.seq_len, micro_batch=micro, ranks=cfg.nproc, zero=cfg.zero,
                               offload=cfg.offload, bf16=rt.precision(cfg.train.precision) == "bf16",
                               device=rt.device.type)
-        _check_fits(label, total, mem, cfg, rt.device.type, available_memory, host_available, GIB)
+        _check_fits(label, total, mem, cfg, rt.device.type)
         anneal = 0 if (cfg.init == "scratch" or is_dlm) else round(cfg.anneal_fraction * steps)
         rungs.append(Rung(index=i, name=_rung_name(i, label), kind=kind, source=source,
                           shape=str(Shape(layers, hidden)) if kind in ("grow", "scratch") else None,
@@ -266,7 +266,10 @@ def plan_ladder(model: str | os.PathLike, cfg: ScaleConfig) -> Plan:
                 digests=digests)
 
 
-def _check_fits(label, total, mem, cfg: ScaleConfig, device, available_memory, host_available, GIB) -> None:
+def _check_fits(label: str, total: int, mem, cfg: ScaleConfig, device: str) -> None:
+    """Refuse a rung whose estimated memory exceeds what this machine (or --memory-limit) allows."""
+    from dlm_factory.dlm.train.memory import GIB, available_memory, host_available
+
     avail, where = available_memory(device)
     if cfg.memory_limit_gb is not None:
         avail, where = cfg.memory_limit_gb * GIB, f"--memory-limit {cfg.memory_limit_gb:g} GiB"
@@ -404,8 +407,8 @@ def train_rung(job: RungJob, *, progress: bool = False) -> dict:
                "eval": evaluation, "curve": [[s, round(v, 5)] for s, v in result.losses], **result.summary()}
     record = new_record(StageKey.model_validate(job.key), sources={"source": job.source, "data": cfg.data}, runtime=rt.describe(),
                         ar_root=spec.source if spec is not None else source_name(job.source), result=outcome)
-    if spec is not None:
-        spec.stages.append(record)
+    if spec is not None:  # the lineage keeps the figures; the curve stays in stage.json only
+        spec.stages.append(record.model_copy(update={"result": {k: v for k, v in outcome.items() if k != "curve"}}))
     final = Loaded(model, loaded.tokenizer, spec)
     if is_remote(job.output):
         staging = Path(ckpt) / "final"
@@ -416,6 +419,8 @@ def train_rung(job: RungJob, *, progress: bool = False) -> dict:
             upload_dir(staging, job.output, last=("stage.json",))
     else:
         save_model(final, job.output, overwrite=job.overwrite, record=record)
+    if rt.master:  # the output is complete: its training checkpoints are spent
+        shutil.rmtree(ckpt, ignore_errors=True)
     return outcome
 
 

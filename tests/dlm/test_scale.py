@@ -360,3 +360,14 @@ def test_ladder_on_two_processes_under_zero2_uploads_to_a_url(tiny_ar, tmp_path,
     assert (local / "stage.json").is_file() and (local / "scaling.png").is_file()
     dlm = load_model(local / "rungs" / "r1-3x64" / "diffusion")
     assert dlm.is_diffusion and dlm.model.config.num_hidden_layers == 3
+
+
+def test_a_nearly_flat_law_gives_an_infinite_multiplier_not_an_overflow():
+    from dlm_factory.dlm.evaluation.scaling import PowerLaw
+
+    flat = PowerLaw(A=1.0, b=1e-4, c=2.0, c0=1e12, cov=[[1e-4, 0, 0], [0, 1e-10, 0], [0, 0, 1e-4]], points=8,
+                    chi2_per_dof=1.0)
+    ar = fit_power_law(law_points(2 * 1e12**0.3, 0.3, 2.0, 0.003, 7))
+    assert math.isinf(flat.compute_for(2.1))  # (1 / 0.1)^(1e4): beyond any float
+    m = compute_multiplier(flat, ar, 1e15)
+    assert math.isinf(m.value) or m.value > 1e6
