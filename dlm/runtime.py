@@ -60,10 +60,44 @@ class Runtime:
         """A seeded generator on this device (CUDA sampling ops refuse a CPU generator)."""
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    @property
+    def backend(self) -> str:
+        """The collective backend of this device: NCCL on CUDA, gloo on CPU."""
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    def init_distributed(self) -> bool:
+        """Join the process group of the launcher's ranks (once; DeepSpeed reuses it). False in one process."""
+        if self.world_size == 1:
+            return False
+        if not torch.distributed.is_initialized():
+            kwargs = {"device_id": self.device} if self.device.type == "cuda" else {}
+            torch.distributed.init_process_group(backend=self.backend, **kwargs)
+        return True
+
+    def _joined(self) -> bool:
+        """Whether collectives reach the other ranks (the process group is up; ``init_distributed`` joins it)."""
+        return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
     def barrier(self) -> None:
-        """Wait for every rank (a no-op in a single process)."""
-        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        """Wait for every rank (a no-op in a single process, or before the process group is up)."""
+        if self._joined():
             torch.distributed.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over the ranks (the values themselves in one process)."""
+        if not self._joined():
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def all_agree(self, value: int) -> bool:
+        """Whether every rank holds the same integer ``value`` (True in one process)."""
+        if not self._joined():
+            return True
+        t = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t[0]) == value and int(-t[1]) == value
 
     def describe(self) -> dict:
         """What a stage record keeps about where it ran."""

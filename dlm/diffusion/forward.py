@@ -101,7 +101,7 @@ def output_head(model):
 
 def _head_matches_logits(model, base, head) -> bool:
     param = next(model.parameters())
-    vocab = head.weight.shape[0]
+    vocab = getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3 keeps only a partition in .shape
     ids = torch.arange(1, 9, device=param.device).remainder(vocab).view(1, -1)
     was_training = model.training
     model.eval()

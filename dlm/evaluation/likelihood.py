@@ -209,3 +209,31 @@ def ar_combined_nll(models: dict[str, object], candidates: dict[str, dict[str, f
         out[f"{k}-{first}"] = Estimate(float(d.sum() / n_tok.sum()) / ln2, _ratio_stderr(d, n_tok) / ln2,
                                        int(n_tok.sum()), 1, "nll_difference")
     return out
+
+
+@torch.no_grad()
+def ar_nll_across_windows(model, ids, *, attention_mask=None, keep=None) -> Estimate:
+    """``ar_nll`` with a standard error from the spread across windows (the NLL itself is exact).
+
+    The figure is a ratio of sums over windows, sum(nll_i) / sum(n_i); its error is the
+    ratio estimator's, sqrt(sum((nll_i - R n_i)^2) / (k (k-1))) / mean(n_i): how much the
+    figure would move on another sample of windows like these (windows of one document are
+    not independent, so it is a lower bound where documents are long).
+    """
+    device = model_device(model)
+    sums, counts = [], []
+    for i in range(ids.shape[0]):
+        am = None if attention_mask is None else attention_mask[i : i + 1].to(device)
+        kp = None if keep is None else keep[i : i + 1].to(device)
+        with inference_autocast(device):
+            loss, n = ar_loss(model, ids[i : i + 1].to(device), attention_mask=am, keep=kp)
+        if n:
+            sums.append(float(loss) * n / math.log(2))
+            counts.append(n)
+    k = len(counts)
+    if k == 0:
+        raise FactoryError("nothing to evaluate: no tokens left after the prompt/first token")
+    total, n_total = sum(sums), sum(counts)
+    r = total / n_total
+    var = sum((s - r * n) ** 2 for s, n in zip(sums, counts, strict=True)) / (k * (k - 1)) if k > 1 else 0.0
+    return Estimate(r, math.sqrt(var) / (n_total / k), n_total, 1, "nll")

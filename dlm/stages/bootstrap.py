@@ -108,7 +108,7 @@ def bootstrap(cfg: BootstrapConfig, output: str | os.PathLike, *, progress: bool
     blocks = Blocks(tokenize_blocks(tokenizer, docs, cfg.seq_len))
     model = build_model(cfg, tokenizer)
     mb = cfg.train.micro_batch()
-    result = train(model, lambda step, m: blocks.batch(step * cfg.train.grad_accum + m, mb, cfg.train.seed),
+    result = train(model, lambda step, m: blocks.batch(step * cfg.train.slots() + m, mb, cfg.train.seed),
                    ar_objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
     record = new_record(key, sources={"data": cfg.data, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {})}, runtime=runtime.current().describe(),
                         result={"train_blocks": blocks.ids.shape[0], **result.summary()})

@@ -121,7 +121,7 @@ def convert(base_model: str | os.PathLike, output: str | os.PathLike, cfg: Conve
                               generator=generator)
 
     mb = cfg.train.micro_batch()
-    result = train(model, lambda step, m: blocks.batch(step * cfg.train.grad_accum + m, mb, cfg.train.seed),
+    result = train(model, lambda step, m: blocks.batch(step * cfg.train.slots() + m, mb, cfg.train.seed),
                    objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
     set_bidirectional(model)
     record = new_record(key, sources={"base": spec.source, "data": cfg.data}, ar_root=spec.source,

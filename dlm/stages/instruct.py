@@ -150,7 +150,7 @@ def instruct(model: str | os.PathLike, output: str | os.PathLike, cfg: InstructC
         return diffusion_loss(model, spec, batch["input_ids"], attention_mask=batch["attention_mask"],
                               keep=batch["prompt_mask"], per_sequence=True, generator=generator)
 
-    result = train(loaded.model, lambda step, m: batches.batch(step * cfg.train.grad_accum + m), objective,
+    result = train(loaded.model, lambda step, m: batches.batch(step * cfg.train.slots() + m), objective,
                    cfg.train, checkpoint_dir=checkpoint_dir, progress=progress, on_log=on_log)
     base = source_name(model)
     outcome = {"objective": cfg.objective, "template": template, "chat_template": tok.chat_template,

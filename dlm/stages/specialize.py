@@ -133,7 +133,7 @@ def specialize(model: str | os.PathLike, data_root: str, user: str, output: str 
     def objective(m, batch, step, generator):
         return diffusion_loss(m, spec, batch["input_ids"], generator=generator)
 
-    result = train(loaded.model, lambda step, m: blocks.batch(step * cfg.train.grad_accum + m, mb, cfg.train.seed),
+    result = train(loaded.model, lambda step, m: blocks.batch(step * cfg.train.slots() + m, mb, cfg.train.seed),
                    objective, cfg.train, checkpoint_dir=checkpoint_dir, progress=progress)
     loaded.model.eval()
     windows = rolling_windows(tok, held_docs, cfg.seq_len, max_windows=cfg.eval_windows,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -13,7 +13,9 @@ from pydantic import BaseModel, Field
 from dlm_factory.dlm.errors import FactoryError
 
 Objective = Callable[..., tuple[torch.Tensor, int]]  # (model, batch, step, generator) -> (loss, tokens)
-BatchFn = Callable[[int, int], dict[str, torch.Tensor]]  # (step, micro) -> batch on the CPU
+# (step, slot) -> batch on the CPU. ``slot`` is the global micro-batch index of the step, in
+# [0, grad_accum * world_size): micro-batch m of rank r is slot m * world_size + r (see ``TrainConfig.slots``).
+BatchFn = Callable[[int, int], dict[str, torch.Tensor]]
 
 
 class TrainConfig(BaseModel):
@@ -32,12 +34,35 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0, description="steps between log lines")
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (when a checkpoint dir is set)")
     keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept on disk")
-    deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config; None trains with plain torch")
+    deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config: a JSON file path or the config itself (dlm.train.deepspeed.zero_config); None trains with plain torch in one process")
 
-    def micro_batch(self) -> int:
-        if self.batch_size % self.grad_accum:
-            raise FactoryError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        return self.batch_size // self.grad_accum
+    def slots(self, world: int | None = None) -> int:
+        """Micro-batches per optimizer step across all ranks (``grad_accum`` per rank).
+
+        The global batch of a step is cut into this many slots of ``micro_batch(world)`` rows;
+        rank r runs slots r, r + world, ... A batch function that serves slot k of step s
+        from rows ``(s * slots + k) * micro`` onwards gives every world size the same global
+        batch, and one process with ``grad_accum = world * a`` the very same slots.
+        """
+        return self.grad_accum * _world(world)
+
+    def micro_batch(self, world: int | None = None) -> int:
+        """Rows per micro-batch of one rank: batch_size / (grad_accum * world size)."""
+        slots = self.slots(world)
+        if self.batch_size % slots:
+            if slots == self.grad_accum:
+                raise FactoryError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+            raise FactoryError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum} "
+                               f"x {slots // self.grad_accum} processes")
+        return self.batch_size // slots
+
+
+def _world(world: int | None) -> int:
+    if world is not None:
+        return world
+    from dlm_factory.dlm import runtime
+
+    return runtime.current().world_size
 
 
 @dataclass

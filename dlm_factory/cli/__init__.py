@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "dlm_factory.cli.instruct",  # instruct, instruct-eval
     "dlm_factory.cli.specialize",  # specialize
     "dlm_factory.cli.ensemble",  # ensemble build/eval/route/show
+    "dlm_factory.cli.scale",  # scale
     "dlm_factory.catalog.cli",  # catalog publish/pull/list/show/verify/gc
     "dlm_factory.cli.demo",  # demo (Prefect flows)
     "dlm_factory.cli.server",  # server start/stop/status (a real local Prefect stack)
