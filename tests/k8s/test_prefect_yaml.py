@@ -18,7 +18,7 @@ from tests.k8s.conftest import K8S, ROOT
 FLOWS = {"convert": "dlm_factory.flows.convert.convert_flow", "instruct": "dlm_factory.flows.instruct.instruct_flow",
          "publish": "dlm_factory.flows.publish.publish_flow", "factory-demo": "dlm_factory.flows.demo.demo_flow",
          "specialize": "dlm_factory.flows.specialize.specialize_flow",
-         "validate": "dlm_factory.flows.validate.validate_flow"}
+         "validate": "dlm_factory.flows.validate.validate_flow", "scale": "dlm_factory.flows.scale.scale_flow"}
 
 
 @pytest.fixture(scope="module")
