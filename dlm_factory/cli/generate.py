@@ -66,6 +66,17 @@ def sampler_config(args):
         raise FactoryError(f"{where}: {msg}" if where else msg) from e
 
 
+def _streamer(tok):
+    """``on_step`` callback printing the tokens each denoising step commits (``--stream``), to stderr."""
+    def stream(step):
+        for b, pairs in enumerate(step.committed):
+            if pairs:
+                pieces = " ".join(f"{off}:{tok.decode([t])!r}" for off, t in pairs)
+                print(f"[step {step.step} block {step.block} row {b}] +{len(pairs)} {pieces}", file=sys.stderr, flush=True)
+
+    return stream
+
+
 def _generate(args) -> int:
     if args.sampler == "speculative":
         return _speculative(args)
@@ -90,11 +101,7 @@ def _generate(args) -> int:
                            "convert it first (factory convert)")
     tok = loaded.tokenizer
 
-    def stream(step):
-        for b, pairs in enumerate(step.committed):
-            if pairs:
-                pieces = " ".join(f"{off}:{tok.decode([t])!r}" for off, t in pairs)
-                print(f"[step {step.step} block {step.block} row {b}] +{len(pairs)} {pieces}", file=sys.stderr, flush=True)
+    stream = _streamer(tok)
 
     start = time.perf_counter()
     texts = generate(loaded, args.prompt, cfg, on_step=stream if args.stream else None,
@@ -117,11 +124,7 @@ def _generate_ensemble(args, cfg) -> int:
     ensembles = load_ensembles(args.ensemble, user=args.user)  # a user without an ensemble: one error line
     tok = next(iter(ensembles.values())).tokenizer
 
-    def stream(step):
-        for b, pairs in enumerate(step.committed):
-            if pairs:
-                pieces = " ".join(f"{off}:{tok.decode([t])!r}" for off, t in pairs)
-                print(f"[step {step.step} block {step.block} row {b}] +{len(pairs)} {pieces}", file=sys.stderr, flush=True)
+    stream = _streamer(tok)
 
     start = time.perf_counter()
     users, texts = generate_routed(ensembles, args.prompt, cfg, context=args.context,
