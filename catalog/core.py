@@ -114,6 +114,13 @@ class Ref:
     version: str = "latest"
     user: str | None = None
 
+    def check_stored(self) -> None:
+        """Raise CatalogError unless name, version and user are valid (a ref read from a bucket key)."""
+        check_name(self.name)
+        check_version(self.version)
+        if self.user:
+            check_name(self.user)
+
     @classmethod
     def parse(cls, text: str, user: str | None = None) -> Ref:
         """Parse and check ``NAME[:VERSION]`` (no I/O). ``user`` selects ensembles/<user>/."""
@@ -798,10 +805,7 @@ class Catalog:
             else:
                 continue
             try:
-                check_name(ref.name)
-                check_version(ref.version)
-                if ref.user:
-                    check_name(ref.user)
+                ref.check_stored()
             except CatalogError:
                 continue
             keys[key] = ref
@@ -1025,10 +1029,7 @@ class Catalog:
             else:
                 continue
             try:
-                check_name(ref.name)
-                check_version(ref.version)
-                if ref.user:
-                    check_name(ref.user)
+                ref.check_stored()
             except CatalogError as e:
                 log.warning("skipping %r: %s", key, e)
                 continue
