@@ -27,8 +27,12 @@ def users_label(users) -> str:
 
 
 def run_name(flow: str, base: str | None = "base_model", users: str | None = None,
-             extra: str | None = None) -> Callable[[], str]:
-    """A ``flow_run_name`` callable: ``<flow> · <base model> [· <users>] [· <extra>]`` from the run's parameters."""
+             extra: str | None = None, all_users: bool = True) -> Callable[[], str]:
+    """A ``flow_run_name`` callable: ``<flow> [· <extra>] · <base model> [· <users>]`` from the run's parameters.
+
+    ``base``, ``users``, ``extra``: parameter names; an empty users parameter reads ``all users``
+    (``all_users=False``: it is left out, e.g. a general model published under no user).
+    """
     def name() -> str:
         from prefect.runtime import flow_run
 
@@ -38,7 +42,7 @@ def run_name(flow: str, base: str | None = "base_model", users: str | None = Non
             parts.append(str(params.get(extra) or extra))
         if base:
             parts.append(short(params.get(base)))
-        if users:
+        if users and (params.get(users) or all_users):
             parts.append(users_label(params.get(users)))
         return " · ".join(parts)
 
