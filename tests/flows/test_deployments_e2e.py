@@ -34,9 +34,8 @@ def test_a_deployment_triggered_through_the_api_runs_on_the_worker_and_publishes
 
         async def drive():
             async with PrefectClient(f"http://127.0.0.1:{PORT}/api") as client:
-                deployments = {d.name: d for d in await client.read_deployments()}
                 flows = {f.id: f.name for f in await client.read_flows()}
-                by_flow = {flows[d.flow_id]: d for d in deployments.values()}
+                by_flow = {flows[d.flow_id]: d for d in await client.read_deployments()}  # each is <flow>/local
                 schedules = await client.read_deployment_schedules(by_flow["retrain"].id)
                 publish = by_flow["publish"]
                 # What the UI's Run form sends: the deployment id and the parameters typed in.
