@@ -203,7 +203,7 @@ def training_progress(key: str, steps: int) -> Iterator[list[tuple[int, float]]]
 
 
 def loss_curve_artifact(key: str, losses: list[tuple[int, float]], title: str) -> str | None:
-    """Plot a loss curve to ``$FACTORY_HOME/results/plots/<key>.png`` and attach it as an image artifact.
+    """Plot a loss curve to ``$FACTORY_HOME/results/plots/loss-<key>.png``; attach it as image artifact ``loss-<key>``.
 
     The artifact's URL is the PNG inline (a ``data:`` URL, so the UI shows it with no file
     server); the PNG file stays beside the other results. Returns the file's path.
@@ -215,6 +215,7 @@ def loss_curve_artifact(key: str, losses: list[tuple[int, float]], title: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = f"loss-{key}"
     path = results_dir("plots") / f"{artifact_key(key)}.png"
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([s for s, _ in losses], [v for _, v in losses], marker=".")

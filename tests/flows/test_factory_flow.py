@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,44 @@ def _task_runs_since(start) -> list:
     return asyncio.run(read())
 
 
+def _artifacts() -> dict[str, list]:
+    """Key -> the artifacts (oldest first) under that key."""
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(limit=200)
+
+    found: dict[str, list] = {}
+    for a in sorted(asyncio.run(read()), key=lambda a: a.created):
+        if a.key:
+            found.setdefault(a.key, []).append(a)
+    return found
+
+
+def _check_artifacts(first: dict) -> None:
+    """What the UI shows after a run: summary and tables (figures first), progress, images, catalog links."""
+    arts = _artifacts()
+    summary = arts["factory-summary"][-1]
+    assert summary.type == "markdown"
+    users = summary.data.split("**Users**")[1].strip().splitlines()
+    assert users[0].startswith("| user | status | specialist | elbo_before | elbo_after |")  # figures first
+    assert users[0].rstrip(" |").endswith("digest | pulled")  # digests and paths last
+    for r in first["users"]:
+        assert f"| {r['user']} | ok |" in summary.data
+        link = arts[f"catalog-{r['user']}"][-1]
+        # Prefect 3 stores a link artifact as the markdown link [text](url)
+        assert re.fullmatch(rf"\[{r['user']}/assistant:[0-9a-f]+\]\(file://.+\)", link.data), link.data
+    for stage in ("bootstrap-stdlib-ar", "convert-stdlib-dlm", "instruct-stdlib-dlm-instruct"):
+        progress = arts[f"progress-{stage}"][-1]
+        assert progress.type == "progress" and float(progress.data) == 100.0, stage
+        image = arts[f"loss-{stage}"][-1]
+        assert image.type == "image" and image.data.startswith("data:image/png;base64,"), stage
+    assert arts["scale-plot"][-1].data.startswith("data:image/png;base64,")
+    table = arts["instruct-stdlib-dlm-instruct"][-1].data
+    assert table.splitlines()[2].startswith("| model | cond_bits_per_token |") and "**Samples**" in table
+
+
 @pytest.mark.slow
 def test_rerun_reuses_every_stage_then_retrain_redoes_only_the_changed_user(tmp_path, monkeypatch, prefect_harness):
     from dlm_factory.catalog.core import Catalog
@@ -54,6 +93,7 @@ def test_rerun_reuses_every_stage_then_retrain_redoes_only_the_changed_user(tmp_
     first = factory_flow(profile="smoke")
     t1 = time.perf_counter()
     assert first["failed"] == [], first["users"]
+    _check_artifacts(first)
     before = _records(home)
     start = datetime.now(UTC)
     t2 = time.perf_counter()
