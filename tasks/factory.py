@@ -36,16 +36,16 @@ def pull_ensemble_task(ref: str, user: str, dest: str, root: str | None = None) 
     check_user_id(user)
     ref = ref.removeprefix(f"{user}/")  # a published ref (user/name:version) names the user already
     cat = Catalog(root)
-    manifest = cat.resolve(ref, user=user)
+    shown = cat.show(ref, user=user)  # the manifest (latest followed), its URL, the card checked
+    manifest = shown.manifest
     marker = Path(dest) / PULL_MARKER
     held = json.loads(marker.read_text()) if marker.is_file() else {}
     if held.get("digest") == manifest.digest:
-        get_run_logger().info("reusing the pull of %s at %s (same digest %s)", ref, dest, manifest.digest)
+        get_run_logger().info("reusing the pull of %s at %s (same digest %s)", shown.ref, dest, manifest.digest)
         files, downloaded, cached = len(manifest.files), 0, 0
     else:
-        pulled = cat.pull(ref, dest, user=user, force=marker.is_file(), progress=False)
+        pulled = cat.pull(shown.ref.removeprefix(f"{user}/"), dest, user=user, force=marker.is_file(), progress=False)
         files, downloaded, cached = len(pulled.manifest.files), pulled.downloaded_bytes, pulled.cached_files
-    shown = cat.show(ref, user=user)
     create_link_artifact(key=artifact_key(f"catalog-{user}"), link=shown.url, link_text=shown.ref,
                          description=f"catalog entry of {user}'s ensemble ({manifest.digest})")
     return {"user": user, "ref": shown.ref, "digest": manifest.digest, "path": dest, "files": files,
