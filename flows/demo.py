@@ -35,15 +35,15 @@ DEMO_FACTORY_USERS = {u: DEMO_USERS[u] for u in ("email", "json", "unittest")}
 
 
 def _demo_scale() -> ScaleConfig:
-    """A two-rung ladder from scratch, in process (no torchrun start-up): 2e12 FLOPs in all (~1 min on 2 cores)."""
-    return ScaleConfig(ladder="2x64,3x96", init="scratch", max_chars=1_000_000, budget=5e11, zero=None,
+    """A two-rung ladder from scratch, in process (no torchrun start-up): 1.2e12 FLOPs in all (~1 min on 2 cores)."""
+    return ScaleConfig(ladder="2x64,3x96", init="scratch", max_chars=1_000_000, budget=3e11, zero=None,
                        eval=EvalConfig(mc_samples=8, max_windows=16))
 
 
 def _demo_ensemble() -> EnsembleConfig:
-    """The gate's checks at a quarter of the standalone default's evaluation (32 windows x 16 draws, 4 lambdas,
-    8 sampled prompts): about half a minute per user on 2 cores instead of several minutes."""
-    return EnsembleConfig(user=TEMPLATE_USER, lambdas=[0.25, 0.5, 1.0, 2.0], max_windows=32, mc_samples=16,
+    """The gate's checks at an eighth of the standalone default's evaluation (32 windows x 8 draws, 4 lambdas,
+    8 sampled prompts): about half a minute per user on 2 cores (estimate) instead of a few minutes."""
+    return EnsembleConfig(user=TEMPLATE_USER, lambdas=[0.25, 0.5, 1.0, 2.0], max_windows=32, mc_samples=8,
                           gate=GateConfig(prompts=8))
 
 
