@@ -27,7 +27,12 @@ from dlm_factory.flows.scale import scale_flow
 from dlm_factory.flows.specialize import specialize_flow
 from dlm_factory.flows.validate import validate_flow
 from dlm_factory.home import factory_home
-from dlm_factory.tasks.factory import answer_task, pull_ensemble_task, summary_task
+from dlm_factory.tasks.factory import (
+    answer_task,
+    gate_report_task,
+    pull_ensemble_task,
+    summary_task,
+)
 from dlm_factory.tasks.specialize import demo_users_task
 
 Profile = Literal["default", "smoke"]
@@ -50,6 +55,8 @@ def specialize_validate(config: FactoryConfig, users: list[str], general: str, h
     trained = [r["user"] for r in specialists["users"] if r["status"] != "failed"]
     validated = (validate(users=trained, general=general, base=specialists["model"], config=config.ensemble,
                           catalog=catalog) if trained else {"users": [], "not_published": []})
+    for r in validated["users"]:
+        gate_report_task(r["user"], user_dir(str(factory_home()), r["user"], "ensemble"))
     return specialists, validated
 
 

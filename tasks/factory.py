@@ -66,6 +66,20 @@ def answer_task(ensemble: str, user: str, prompt: str, sampler: SamplerConfig | 
     return {"user": user, "prompt": prompt, "answer": text, "seconds": round(time.perf_counter() - start, 2)}
 
 
+@task(name="gate-report", task_run_name="gate report {user}")
+def gate_report_task(user: str, ensemble_dir: str) -> bool:
+    """``user``'s gate report (gate.md: the checks table first, then the contenders) as a markdown artifact.
+
+    Returns whether the report is there (a build that failed before its gate wrote none).
+    """
+    report = Path(ensemble_dir) / "gate.md"
+    if not report.is_file():
+        return False
+    create_markdown_artifact(key=artifact_key(f"gate-{user}"), markdown=report.read_text(),
+                             description=f"validation gate of {user}'s ensemble")
+    return True
+
+
 @task(name="summary", task_run_name="summary {key}")
 def summary_task(key: str, sections: dict[str, list[dict]], title: str) -> str:
     """The closing tables (figures first, paths last) as one markdown artifact; returns the markdown."""

@@ -76,6 +76,9 @@ def _check_artifacts(first: dict) -> None:
         image = arts[f"loss-{stage}"][-1]
         assert image.type == "image" and image.data.startswith("data:image/png;base64,"), stage
     assert arts["scale-plot"][-1].data.startswith("data:image/png;base64,")
+    for r in first["users"]:  # each gate report, its checks table first
+        gate = arts[f"gate-{r['user']}"][-1].data
+        assert gate.startswith("# Validation gate: PASSED") and "| check | result | value | threshold |" in gate
     table = arts["instruct-stdlib-dlm-instruct"][-1].data
     assert table.splitlines()[2].startswith("| model | cond_bits_per_token |") and "**Samples**" in table
 
