@@ -15,6 +15,7 @@ from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
 from dlm_factory.dlm.stages.convert import ConvertConfig
 from dlm_factory.dlm.stages.specialize import SpecializeConfig
 from dlm_factory.dlm.train.config import TrainConfig
+from dlm_factory.flows.naming import run_name
 from dlm_factory.home import factory_home
 from dlm_factory.tasks.models import bootstrap_task, convert_task, report_artifact
 from dlm_factory.tasks.specialize import list_users_task, specialize_task
@@ -28,7 +29,7 @@ SPECIALIST_CONVERT = ConvertConfig(max_chars=1_000_000, anneal_steps=50,
                                    train=TrainConfig(steps=150, batch_size=16, lr=2e-3, warmup_steps=10))
 
 
-@flow(name="specialize", log_prints=True)
+@flow(name="specialize", log_prints=True, flow_run_name=run_name("specialize", base="general", users="users"))
 def specialize_flow(users: list[str] | None = None, general: str | None = None, model: str | None = None,
                     data_root: str | None = None, config: SpecializeConfig | None = None,
                     base_config: BootstrapConfig | None = None, convert_config: ConvertConfig | None = None,
