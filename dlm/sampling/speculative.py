@@ -16,6 +16,15 @@ diffusion drafter the same way. Each round:
 4. the verifier's cache is cropped back to the accepted tokens, and k adapts to the
    running acceptance (grows after a fully accepted round, shrinks to what was accepted).
 
+The drafter's prefix cache (``refresh`` = r > 0, Fast-dLLM's approximate prefix cache
+applied across rounds): every r rounds one full forward over the committed text and the
+k masks stores every layer's keys/values of the committed prefix; the rounds in between
+recompute only a window (the tokens committed since that forward, and the k masks)
+attending to the stored prefix. The DLM is bidirectional, so the stored prefix entries
+are approximate: they attended to the masks that stood after the prefix at refresh time,
+not to the tokens committed since. Only the drafts change; the verifier still decides
+every token, so greedy output stays the AR model's greedy decoding.
+
 Sampling mode drafts all k tokens from one forward with independent draws: q_i is then
 the drafter's marginal at position i given the committed text, which is what the
 acceptance rule needs (a multi-step draft would make early positions depend on later
@@ -24,13 +33,13 @@ ones). Batch size 1: prompts are decoded one after the other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from pydantic import BaseModel, Field
 
 from dlm_factory.dlm.checkpoint.io import Loaded
-from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.diffusion.denoiser import BlockCache, ModelDenoiser
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.runtime import inference_autocast, model_device
 
@@ -44,6 +53,7 @@ class SpeculativeConfig(BaseModel):
     k_max: int = Field(16, gt=0, le=64, description="largest draft")
     adaptive: bool = Field(True, description="adapt k to the acceptance: double after a fully accepted round, else accepted + 1")
     draft_steps: int = Field(1, gt=0, description="greedy only: LLaDA denoising steps per draft (1: every draft token from one forward)")
+    refresh: int = Field(0, ge=0, description="drafter prefix KV cache: a full drafter forward every r rounds, in between only the tokens committed since and the k masks over the cached (approximate) prefix; 0: a full forward every round")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy (the AR model's greedy output); > 0: speculative sampling at this temperature")
     seed: int = Field(0, description="seed of the sampling mode")
     stop_at_eos: bool = Field(True, description="stop at the verifier's EOS (it is not returned)")
@@ -56,6 +66,7 @@ class SpeculativeStats:
     accepted: int = 0
     tokens: int = 0
     ks: list[int] = field(default_factory=list)
+    draft_positions: int = 0  # positions the drafter's forwards processed (full and window)
 
     @property
     def tokens_per_round(self) -> float:
@@ -66,17 +77,20 @@ class SpeculativeStats:
         return self.accepted / max(self.drafted, 1)
 
 
-def check_pair(drafter: Loaded, verifier: Loaded) -> None:
-    """The verifier is causal and reads the drafter's token ids as the same text (one clear error otherwise)."""
+def check_pair(drafter: Loaded, verifier: Loaded, roles: tuple[str, str] = ("drafter", "verifier")) -> None:
+    """The verifier is causal and reads the drafter's token ids as the same text (one clear error otherwise).
+
+    ``roles`` names the two in the messages (distillation: student and teacher)."""
+    d, v = roles
     if drafter.spec is None:
-        raise FactoryError("the drafter must be a diffusion checkpoint (with diffusion.json)")
+        raise FactoryError(f"the {d} must be a diffusion checkpoint (with diffusion.json)")
     if verifier.spec is not None:
-        raise FactoryError("the verifier must be an autoregressive (causal) checkpoint, not a diffusion one")
+        raise FactoryError(f"the {v} must be an autoregressive (causal) checkpoint, not a diffusion one")
     dv, vv = drafter.tokenizer.get_vocab(), verifier.tokenizer.get_vocab()
     shared = {t: i for t, i in vv.items() if t in dv}
     if len(shared) != len(vv) or any(dv[t] != i for t, i in shared.items()):
-        raise FactoryError("the verifier's tokenizer differs from the drafter's: every verifier token must keep "
-                           "its id in the drafter (the DLM may only add tokens, e.g. its mask)")
+        raise FactoryError(f"the {v}'s tokenizer differs from the {d}'s: every {v} token must keep "
+                           f"its id in the {d} (the DLM may only add tokens, e.g. its mask)")
 
 
 class Speculator:
@@ -92,26 +106,51 @@ class Speculator:
         self.eos = verifier.tokenizer.eos_token_id
         self.device = model_device(self.verifier)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self._prefix: BlockCache | None = None  # the drafter's stored prefix (refresh > 0)
+        self._since = 0  # rounds since it was stored
 
     # ------------------------------------------------------------------ drafter
 
-    def _draft(self, context: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
+    def _draft(self, context: list[int], k: int, stats: SpeculativeStats) -> tuple[list[int], torch.Tensor | None]:
         """k draft tokens after ``context`` and, when sampling, their proposal distributions q [k, V]."""
         mask = self.denoiser.spec.mask_token_id
         if self.cfg.temperature == 0 and self.cfg.draft_steps > 1:
             from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
 
             steps = min(self.cfg.draft_steps, k)
+            stats.draft_positions += steps * (len(context) + k)
             out = sample(self.denoiser, [context], SamplerConfig(sampler="llada", length=k, block_size=k,
                                                                  steps=steps, stop_at_eos=False))[0]
             return [t if t < self.vocab else 0 for t in out], None
         x = torch.tensor([context + [mask] * k], device=self.device)
-        lp = self.denoiser(x)[0, len(context):].float()  # [k, V']
+        lp = self._draft_log_probs(x, len(context), stats).float()  # [k, V']
+        lp[:, mask] = float("-inf")  # never draft the mask itself
         lp = lp[:, : self.vocab]  # the verifier cannot accept a token it does not have (mask, pads)
         if self.cfg.temperature == 0:
             return lp.argmax(-1).tolist(), None
         q = torch.softmax(lp / self.cfg.temperature, -1)
         return torch.multinomial(q, 1, generator=self.gen)[:, 0].tolist(), q
+
+    def _draft_log_probs(self, x: torch.Tensor, s: int, stats: SpeculativeStats) -> torch.Tensor:
+        """The drafter's log-probs [k, V'] of the masked positions [s, T) of ``x`` [1, T].
+
+        Without the cache (refresh = 0): one full forward. With it: a full forward that stores the
+        prefix every ``refresh`` rounds, else a window over the stored (approximate) prefix.
+        """
+        T = x.shape[1]
+        if not self.cfg.refresh:
+            stats.draft_positions += T
+            return self.denoiser(x)[0, s:]
+        if self._prefix is None or self._since >= self.cfg.refresh:
+            stats.draft_positions += T
+            lp, self._prefix = self.denoiser.block_cache(x, None, (s, T), dual=False)
+            self._since = 1
+            return lp[0]
+        a = int(self._prefix.key_index.numel())  # cached positions [0, a); the window is [a, T)
+        stats.draft_positions += T - a
+        self._since += 1
+        window: BlockCache = replace(self._prefix, block=(s, T), window=(a, T))
+        return self.denoiser.block_log_probs(window, x, None)[0]
 
     # ------------------------------------------------------------------ verifier
 
@@ -132,12 +171,13 @@ class Speculator:
         cfg = self.cfg
         stats = stats if stats is not None else SpeculativeStats()
         cache = DynamicCache()
+        self._prefix, self._since = None, 0  # the drafter's prefix cache is per prompt
         if len(prompt) > 1:
             self._forward(prompt[:-1], cache)
         n, pending, out, k = len(prompt) - 1, prompt[-1], [], cfg.k
         while len(out) < cfg.length:
             k = max(1, min(k, cfg.length - len(out)))  # no draft beyond the requested length
-            drafts, q = self._draft(prompt + out, k)  # the committed text ends with the pending token
+            drafts, q = self._draft(prompt + out, k, stats)  # the committed text ends with the pending token
             logits = self._forward([pending] + drafts, cache)  # [k+1, V]: after pending, after each draft
             accepted, token = self._accept(drafts, q, logits)
             new = drafts[:accepted] + [token]

@@ -28,7 +28,8 @@ def pair(tiny_dlm, tiny_ar):
 
 
 @pytest.mark.parametrize("cfg", [SpeculativeConfig(length=24), SpeculativeConfig(length=24, k=8, adaptive=False),
-                                 SpeculativeConfig(length=24, k=6, draft_steps=3)])
+                                 SpeculativeConfig(length=24, k=6, draft_steps=3), SpeculativeConfig(length=24, refresh=4),
+                                 SpeculativeConfig(length=24, k=8, refresh=3, temperature=0.0, k_max=8)])
 def test_greedy_is_token_for_token_ar_greedy(pair, cfg):
     dlm, ar = pair
     prompts = encode_prompts(ar.tokenizer, PROMPTS)
@@ -37,6 +38,27 @@ def test_greedy_is_token_for_token_ar_greedy(pair, cfg):
     assert got == expected
     assert stats.rounds > 0 and stats.tokens == sum(map(len, got))
     assert stats.tokens_per_round >= 1.0  # every round commits at least the verifier's token
+
+
+def test_drafter_prefix_cache(pair):
+    """refresh = 1 (a full forward every round, through the cache path) drafts exactly as no cache;
+    refresh = 8 reads fewer positions, and its drafts stay close (it is an approximation)."""
+    dlm, ar = pair
+    prompts = encode_prompts(ar.tokenizer, PROMPTS)
+    runs = {}
+    for refresh in (0, 1, 8):
+        stats = SpeculativeStats()
+        spec = Speculator(dlm, ar, SpeculativeConfig(length=32, k=4, adaptive=False, refresh=refresh))
+        drafts = []
+        spec._accept = lambda d, q, logits, _a=spec._accept: (drafts.append(list(d)), _a(d, q, logits))[1]
+        outs = [spec.generate(p, stats) for p in prompts]
+        runs[refresh] = (outs, drafts, stats)
+    assert runs[0][0] == runs[1][0] == runs[8][0]  # the verifier decides: same output whatever the drafts
+    assert runs[1][1] == runs[0][1]  # the cache path with a full forward every round is the full forward
+    assert runs[1][2].draft_positions == runs[0][2].draft_positions
+    assert runs[8][2].draft_positions < 0.8 * runs[0][2].draft_positions  # short prompts: the prefix is small
+    same = sum(a == b for x, y in zip(runs[0][1], runs[8][1], strict=False) for a, b in zip(x, y, strict=False))
+    assert same >= 0.5 * sum(map(len, runs[0][1]))  # approximate, not unrelated
 
 
 def _chi2_pvalue(observed: torch.Tensor, probs: torch.Tensor, n: int) -> float:
