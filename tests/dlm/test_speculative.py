@@ -50,7 +50,7 @@ def test_drafter_prefix_cache(pair):
         stats = SpeculativeStats()
         spec = Speculator(dlm, ar, SpeculativeConfig(length=32, k=4, adaptive=False, refresh=refresh))
         drafts = []
-        spec._accept = lambda d, q, logits, _a=spec._accept: (drafts.append(list(d)), _a(d, q, logits))[1]
+        spec._accept = lambda d, q, logits, _a=spec._accept, _seen=drafts: (_seen.append(list(d)), _a(d, q, logits))[1]
         outs = [spec.generate(p, stats) for p in prompts]
         runs[refresh] = (outs, drafts, stats)
     assert runs[0][0] == runs[1][0] == runs[8][0]  # the verifier decides: same output whatever the drafts
