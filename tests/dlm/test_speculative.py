@@ -134,6 +134,8 @@ def test_cli_speculative_defaults_to_the_lineage_verifier(tiny_dlm, tiny_ar, cap
                  "--length", "8", "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["verifier"] == tiny_ar and len(out["texts"]) == 1 and out["tokens_per_round"] >= 1
+    assert main(["generate", "--model", tiny_dlm, "--prompt", "x", "--sampler", "speculative", "--draft-refresh", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --draft-refresh:")
     assert main(["generate", "--model", tiny_dlm, "--prompt", "x", "--sampler", "speculative", "--draft", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --draft:")
     assert main(["generate", "--model", tiny_dlm, "--prompt", "x", "--sampler", "speculative",
