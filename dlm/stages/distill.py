@@ -63,7 +63,7 @@ class DistillConfig(BaseModel):
     teacher_batch: int = Field(32, gt=0, description="prompts per teacher generate() call")
     suffix_fraction: float = Field(0.5, ge=0, le=1, description="share of rows masked as a suffix (clean prefix, masks after a random cut) instead of at random")
     certainty: float = Field(0.0, ge=0, description="weight of the dParallel certainty term: entropy at correctly predicted masked positions (0: off)")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=150, batch_size=16, lr=5e-4, warmup_steps=10),
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=150, batch_size=16, lr=1e-3, warmup_steps=10),
                                description="optimisation settings")
 
 

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length", type=int, help="teacher continuation length (default: 96)")
     p.add_argument("--suffix-fraction", type=float, help="share of rows masked as a suffix (default: 0.5)")
     p.add_argument("--certainty", type=float, help="weight of the certainty (entropy) term (default: 0)")
-    add_training(p, steps=150, batch_size=16, lr=5e-4)
+    add_training(p, steps=150, batch_size=16, lr=1e-3)
     add_device(p)
     p.set_defaults(func=_distill)
 
