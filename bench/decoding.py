@@ -61,7 +61,7 @@ from dlm_factory.dlm.checkpoint.record import lineage_root
 from dlm_factory.dlm.data.corpus import stdlib_documents
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.sampling.generate import ar_generate, encode_prompts
-from dlm_factory.dlm.sampling.sampler import SamplerConfig
+from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
 from dlm_factory.dlm.sampling.speculative import SpeculativeConfig, SpeculativeStats, Speculator
 from dlm_factory.home import factory_home
 
@@ -196,12 +196,49 @@ def collapse_section(denoisers: dict[str, ModelDenoiser], ar, judge, texts, prom
     contenders = [Contender("AR samples t=1", autoregressive(ar, L, 1.0, seed=0))]
     for name, d in denoisers.items():
         for label, kw in (("llada low-confidence", dict(sampler="llada", steps=L)),
+                          ("llada low-confidence block 8", dict(sampler="llada", steps=L, block_size=8)),
                           ("llada random order", dict(sampler="llada", steps=L, remasking="random")),
                           ("threshold", dict(sampler="threshold", cache="dual"))):
-            cfg = SamplerConfig(length=L, temperature=1.0, block_size=args.block_size, stop_at_eos=False, **kw)
+            kw = {"block_size": args.block_size, **kw}
+            cfg = SamplerConfig(length=L, temperature=1.0, stop_at_eos=False, **kw)
             contenders.append(Contender(f"{name} {label} t=1", diffusion(d, cfg)))
     run_interleaved(contenders, prompt_ids, args.batch_size)
     return score(contenders, judge, ar.tokenizer, texts, L, "AR samples t=1")
+
+
+def frequent_tokens(tokenizer, n: int = 20, max_chars: int = 300_000) -> set[int]:
+    """The ``n`` most frequent token ids of the held-out stdlib text (whitespace, newlines, punctuation)."""
+    text, counts = "", Counter()
+    for doc in stdlib_documents("heldout"):
+        text += doc.text
+        if len(text) >= max_chars:
+            break
+    counts.update(tokenizer(text[:max_chars], add_special_tokens=False)["input_ids"])
+    return {t for t, _ in counts.most_common(n)}
+
+
+def order_diagnostic(denoiser, prompt_ids, frequent: set[int], length: int, batch_size: int) -> dict:
+    """Where the collapse comes from: the share of the corpus's most frequent tokens among the tokens
+    committed in each quarter of the decoding order (one block of ``length``, one token per step, t = 1),
+    for confidence order and random order. Confidence order that favours frequent tokens commits
+    them first (a high first-quarter share); random order commits them evenly."""
+    out = {}
+    for remasking in ("low_confidence", "random"):
+        cfg = SamplerConfig(sampler="llada", length=length, steps=length, block_size=length, temperature=1.0,
+                            remasking=remasking, stop_at_eos=False)
+        quarters = [[0, 0] for _ in range(4)]
+
+        def record(step, quarters=quarters):
+            q = min(4 * step.step // length, 3)
+            for pairs in step.committed:
+                for _, token in pairs:
+                    quarters[q][0] += token in frequent
+                    quarters[q][1] += 1
+
+        for lo in range(0, len(prompt_ids), batch_size):
+            sample(denoiser, prompt_ids[lo : lo + batch_size], cfg, on_step=record)
+        out[remasking] = [round(f / max(n, 1), 3) for f, n in quarters]
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -237,6 +274,13 @@ def markdown(report: dict) -> str:
                        f"{_pm(r['judge_nll'], r['judge_nll_se'])} | {d['diff']:+.3f} ± {d['se']:.3f} | "
                        f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['longest_repeat']:.1f} | "
                        f"{r['top_token_share']:.3f} |")
+    if "collapse" in report:
+        out += ["", "Share of the 20 most frequent held-out tokens among the tokens committed in each quarter of the "
+                "decoding order (one block, one token per step, t = 1):", "",
+                "| DLM | order | 1st quarter | 2nd | 3rd | 4th |", "|---|---|---:|---:|---:|---:|"]
+        for name, orders in report["collapse"]["frequent_share_by_quarter"].items():
+            for order, q in orders.items():
+                out.append(f"| {name} | {order} | " + " | ".join(f"{x:.3f}" for x in q) + " |")
     return "\n".join(out)
 
 
@@ -277,6 +321,11 @@ def main(argv=None) -> int:
         if "collapse" in sections:
             report["collapse"] = {"length": args.collapse_length, **common,
                                   "rows": collapse_section(denoisers, ar, judge, texts, prompt_ids, args)}
+            frequent = frequent_tokens(ar.tokenizer)
+            report["collapse"]["frequent_tokens"] = ar.tokenizer.convert_ids_to_tokens(sorted(frequent))
+            report["collapse"]["frequent_share_by_quarter"] = {
+                n: order_diagnostic(d, prompt_ids, frequent, args.collapse_length, args.batch_size)
+                for n, d in denoisers.items()}
     report["wall_seconds"] = round(time.perf_counter() - wall, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(clean(report), indent=2) + "\n")
