@@ -18,12 +18,14 @@ diffusion drafter the same way. Each round:
 
 The drafter's prefix cache (``refresh`` = r > 0, Fast-dLLM's approximate prefix cache
 applied across rounds): every r rounds one full forward over the committed text and the
-k masks stores every layer's keys/values of the committed prefix; the rounds in between
-recompute only a window (the tokens committed since that forward, and the k masks)
-attending to the stored prefix. The DLM is bidirectional, so the stored prefix entries
-are approximate: they attended to the masks that stood after the prefix at refresh time,
-not to the tokens committed since. Only the drafts change; the verifier still decides
-every token, so greedy output stays the AR model's greedy decoding.
+k masks; in between, a forward over a window only: the tokens the last verification
+committed, and the k new masks, attending to the stored keys/values of everything before.
+Every forward appends the keys/values of the committed positions it computed to the store,
+so each token's entries are computed once (and again at the next refresh). The DLM is
+bidirectional, so stored entries are approximate: they attended to the masks that stood
+after them when they were computed, not to the tokens committed since. Only the drafts
+change; the verifier still decides every token, so greedy output stays the AR model's
+greedy decoding.
 
 Sampling mode drafts all k tokens from one forward with independent draws: q_i is then
 the drafter's marginal at position i given the committed text, which is what the
@@ -33,13 +35,13 @@ ones). Batch size 1: prompts are decoded one after the other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import BaseModel, Field
 
 from dlm_factory.dlm.checkpoint.io import Loaded
-from dlm_factory.dlm.diffusion.denoiser import BlockCache, ModelDenoiser
+from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.runtime import inference_autocast, model_device
 
@@ -106,7 +108,7 @@ class Speculator:
         self.eos = verifier.tokenizer.eos_token_id
         self.device = model_device(self.verifier)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self._prefix: BlockCache | None = None  # the drafter's stored prefix (refresh > 0)
+        self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the drafter's stored keys/values
         self._since = 0  # rounds since it was stored
 
     # ------------------------------------------------------------------ drafter
@@ -132,25 +134,52 @@ class Speculator:
         return torch.multinomial(q, 1, generator=self.gen)[:, 0].tolist(), q
 
     def _draft_log_probs(self, x: torch.Tensor, s: int, stats: SpeculativeStats) -> torch.Tensor:
-        """The drafter's log-probs [k, V'] of the masked positions [s, T) of ``x`` [1, T].
+        """The drafter's log-probs [k, V'] of the masked positions [s, T) of ``x`` [1, T] (s: committed length).
 
-        Without the cache (refresh = 0): one full forward. With it: a full forward that stores the
-        prefix every ``refresh`` rounds, else a window over the stored (approximate) prefix.
+        refresh = 0: a full forward every round. refresh = r: a full forward every r rounds; in
+        between, a forward over the window [a, T) only (the tokens committed since the last forward
+        and the k masks), attending to the stored keys/values of [0, a). After every forward the
+        keys/values of the committed positions it computed are appended to the store, so the next
+        window holds only the tokens the next verification adds, plus the new masks.
         """
         T = x.shape[1]
-        if not self.cfg.refresh:
-            stats.draft_positions += T
-            return self.denoiser(x)[0, s:]
-        if self._prefix is None or self._since >= self.cfg.refresh:
-            stats.draft_positions += T
-            lp, self._prefix = self.denoiser.block_cache(x, None, (s, T), dual=False)
-            self._since = 1
-            return lp[0]
-        a = int(self._prefix.key_index.numel())  # cached positions [0, a); the window is [a, T)
+        full = not self.cfg.refresh or self._prefix is None or self._since >= self.cfg.refresh
+        # stored positions [0, a); the window must hold the state that predicts the first mask (s - 1 under the shift)
+        a = 0 if full else min(self._prefix[0][0].shape[2], s - int(self.denoiser.spec.shift))
+        if not full:
+            self._prefix = [(k[:, :, :a], v[:, :, :a]) for k, v in self._prefix]
         stats.draft_positions += T - a
-        self._since += 1
-        window: BlockCache = replace(self._prefix, block=(s, T), window=(a, T))
-        return self.denoiser.block_log_probs(window, x, None)[0]
+        lp, kv = self._window_forward(x, a, s)
+        # committed positions [0, s) are kept; the masks' entries are dropped (they change every round)
+        self._prefix = [(k[:, :, :s], v[:, :, :s]) for k, v in kv] if self.cfg.refresh else None
+        self._since = 1 if full else self._since + 1
+        return lp
+
+    @torch.no_grad()
+    def _window_forward(self, x: torch.Tensor, a: int, s: int):
+        """Bidirectional forward of ``x``'s positions [a, T) over the stored prefix [0, a):
+        (log-probs [T - s, V'] of the positions [s, T), every layer's keys/values of [0, T))."""
+        from transformers import DynamicCache
+
+        from dlm_factory.dlm.diffusion.forward import _compute_dtype, output_head
+
+        model = self.denoiser.model
+        T = x.shape[1]
+        shift = int(self.denoiser.spec.shift)
+        cache = DynamicCache(self._prefix) if a else DynamicCache()
+        with inference_autocast(self.device):
+            bias = torch.zeros(1, 1, T - a, T, dtype=_compute_dtype(model), device=self.device)  # all keys visible
+            pos = torch.arange(a, T, device=self.device)[None]
+            heads = output_head(model)
+            kw = dict(attention_mask=bias, position_ids=pos, use_cache=True, past_key_values=cache)
+            if heads is not None:
+                out = heads[0](input_ids=x[:, a:], **kw)
+                logits = heads[1](out.last_hidden_state[0, s - shift - a : T - shift - a])
+            else:
+                out = model(input_ids=x[:, a:], **kw)
+                logits = out.logits[0, s - shift - a : T - shift - a]
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return logits.float().log_softmax(-1), kv
 
     # ------------------------------------------------------------------ verifier
 
