@@ -53,7 +53,8 @@ class SpeculativeConfig(BaseModel):
     k: int = Field(4, gt=0, le=64, description="drafted tokens in the first round")
     k_min: int = Field(1, gt=0, description="smallest draft")
     k_max: int = Field(16, gt=0, le=64, description="largest draft")
-    adaptive: bool = Field(True, description="adapt k to the acceptance: double after a fully accepted round, else accepted + 1")
+    adaptive: bool = Field(True, description="adapt k to the running acceptance rate (best_k); False: always k")
+    draft_cost: float = Field(0.1, gt=0, description="adaptive k: cost of one more drafted and verified position, as a share of a round's fixed cost (two forwards)")
     draft_steps: int = Field(1, gt=0, description="greedy only: LLaDA denoising steps per draft (1: every draft token from one forward)")
     refresh: int = Field(0, ge=0, description="drafter prefix KV cache: a full drafter forward every r rounds, in between only the tokens committed since and the k masks over the cached (approximate) prefix; 0: a full forward every round")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy (the AR model's greedy output); > 0: speculative sampling at this temperature")
@@ -69,6 +70,7 @@ class SpeculativeStats:
     tokens: int = 0
     ks: list[int] = field(default_factory=list)
     draft_positions: int = 0  # positions the drafter's forwards processed (full and window)
+    full_rounds: int = 0  # rounds whose every draft was accepted
 
     @property
     def tokens_per_round(self) -> float:
@@ -217,19 +219,34 @@ class Speculator:
             stats.rounds += 1
             stats.drafted += len(drafts)
             stats.accepted += accepted
+            stats.full_rounds += accepted == len(drafts)
             stats.ks.append(k)
             if cfg.stop_at_eos and self.eos is not None and self.eos in new:
                 out += new[: new.index(self.eos)]
                 break
             out += new
             if cfg.adaptive:
-                k = min(cfg.k_max, 2 * k) if accepted == len(drafts) else max(cfg.k_min, accepted + 1)
+                k = best_k(stats.accepted, stats.rounds - stats.full_rounds, cfg)
         out = out[: cfg.length]
         stats.tokens += len(out)
         return out
 
     def _accept(self, drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> tuple[int, int]:
         return accept(drafts, q, logits, self.cfg.temperature, self.gen)
+
+
+def best_k(accepted: int, rejections: int, cfg: SpeculativeConfig) -> int:
+    """The draft length with the most expected tokens per unit of cost, at the running acceptance rate.
+
+    Each draft is taken as accepted with probability a = accepted / (accepted + rejections) (the
+    maximum-likelihood rate of a geometric run, with one pseudo-count of each), so a round of k drafts
+    commits (1 - a^(k+1)) / (1 - a) tokens on average and costs 1 + draft_cost * k.
+    """
+    a = (accepted + 1) / (accepted + rejections + 2)
+    def rate(k: int) -> float:
+        return (1 - a ** (k + 1)) / (1 - a) / (1 + cfg.draft_cost * k)
+
+    return max(range(cfg.k_min, cfg.k_max + 1), key=rate)
 
 
 def accept(drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor, temperature: float,

@@ -16,6 +16,7 @@ from dlm_factory.dlm.sampling.speculative import (
     SpeculativeStats,
     Speculator,
     accept,
+    best_k,
     speculative_generate,
 )
 
@@ -73,6 +74,15 @@ def test_drafter_prefix_cache(pair):
                          stats.draft_positions)
     assert outs[0][0] == outs[8][0]  # the verifier decides: the same output whatever the drafts
     assert outs[8][1] < 0.5 * outs[0][1]
+
+
+def test_adaptive_k_follows_the_running_acceptance():
+    cfg = SpeculativeConfig(k_min=1, k_max=16, draft_cost=0.1)
+    ks = [best_k(acc, 100 - acc, cfg) for acc in (0, 20, 40, 60, 80, 95, 99)]
+    assert ks == sorted(ks) and ks[0] == 1 and ks[-1] == 16  # more acceptance, longer drafts
+    a = 0.5  # at a = 1/2 the expected tokens saturate at 2: drafts beyond a few only cost
+    assert best_k(1, 1, cfg) == max(range(1, 17), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + 0.1 * k)) == 2
+    assert best_k(10**6, 0, SpeculativeConfig(k_max=8)) == 8 and best_k(0, 10**6, SpeculativeConfig(k_min=3)) == 3
 
 
 def _chi2_pvalue(observed: torch.Tensor, probs: torch.Tensor, n: int) -> float:
