@@ -80,7 +80,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=12, help="speculative: held-out prompts")
     p.add_argument("--lengths", default="64,128,256", help="speculative: lengths")
     p.add_argument("--k", type=int, default=4, help="speculative: first draft length (adapted)")
-    p.add_argument("--refresh", default="0,8", help="speculative: drafter prefix-cache refresh periods (0: none)")
+    p.add_argument("--refresh", default="0,16", help="speculative: drafter prefix-cache refresh periods (0: none) "
+                                                    "for the DLM and the first --distilled; the others: the last one")
+    p.add_argument("--collapse-drafters", type=int, default=2, help="collapse: the first N drafters only")
     p.add_argument("--quality-prompts", type=int, default=16, help="diffusion/collapse: held-out prompts")
     p.add_argument("--batch-size", type=int, default=8, help="diffusion/collapse: prompts per batch")
     p.add_argument("--diffusion-length", type=int, default=128)
@@ -118,7 +120,7 @@ def speculative_section(drafters: dict[str, object], ar, prompts: list[list[int]
     rows = []
     for length in lengths:
         specs = {f"{name} r={r}": Speculator(d, ar, SpeculativeConfig(length=length, k=k, refresh=r))
-                 for name, d in drafters.items() for r in refreshes}
+                 for i, (name, d) in enumerate(drafters.items()) for r in (refreshes if i < 2 else refreshes[-1:])}
         names = ["ar", *specs]
         stats = {n: SpeculativeStats() for n in specs}
         secs = dict.fromkeys(names, 0.0)
@@ -193,6 +195,7 @@ def diffusion_section(denoisers: dict[str, ModelDenoiser], ar, judge, texts, pro
 
 def collapse_section(denoisers: dict[str, ModelDenoiser], ar, judge, texts, prompt_ids, args) -> dict:
     L = args.collapse_length
+    denoisers = dict(list(denoisers.items())[: args.collapse_drafters])
     contenders = [Contender("AR samples t=1", autoregressive(ar, L, 1.0, seed=0))]
     for name, d in denoisers.items():
         for label, kw in (("llada low-confidence", dict(sampler="llada", steps=L)),
@@ -325,7 +328,7 @@ def main(argv=None) -> int:
             report["collapse"]["frequent_tokens"] = ar.tokenizer.convert_ids_to_tokens(sorted(frequent))
             report["collapse"]["frequent_share_by_quarter"] = {
                 n: order_diagnostic(d, prompt_ids, frequent, args.collapse_length, args.batch_size)
-                for n, d in denoisers.items()}
+                for n, d in list(denoisers.items())[: args.collapse_drafters]}
     report["wall_seconds"] = round(time.perf_counter() - wall, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(clean(report), indent=2) + "\n")
