@@ -28,7 +28,7 @@ def pair(tiny_dlm, tiny_ar):
     return load_model(tiny_dlm), load_model(tiny_ar)
 
 
-@pytest.mark.parametrize("cfg", [SpeculativeConfig(length=24), SpeculativeConfig(length=24, k=8, adaptive=False),
+@pytest.mark.parametrize("cfg", [SpeculativeConfig(length=24, refresh=0), SpeculativeConfig(length=24, k=8, adaptive=False),
                                  SpeculativeConfig(length=24, k=6, draft_steps=3), SpeculativeConfig(length=24, refresh=4),
                                  SpeculativeConfig(length=24, k=8, refresh=3, temperature=0.0, k_max=8)])
 def test_greedy_is_token_for_token_ar_greedy(pair, cfg):
