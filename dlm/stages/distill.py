@@ -44,8 +44,7 @@ from dlm_factory.dlm.checkpoint.record import (
     source_name,
 )
 from dlm_factory.dlm.data.corpus import Blocks, read_documents, source_digest, tokenize_blocks
-from dlm_factory.dlm.diffusion.forward import full_logits, hidden_states, output_head
-from dlm_factory.dlm.diffusion.objective import maskable, sample_t
+from dlm_factory.dlm.diffusion.objective import maskable, masked_logits, sample_t
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import materialize
 from dlm_factory.dlm.train.config import TrainConfig, TrainResult
@@ -124,19 +123,7 @@ def distill_loss(model, spec, ids: torch.Tensor, prompt_len: int, cfg: DistillCo
     masked, share = distill_mask(ids, spec, prompt_len, cfg.suffix_fraction, generator)
     n_tok = (ids.shape[1] - prompt_len) * B
     noisy = ids.masked_fill(masked, spec.mask_token_id)
-    if spec.shift:  # the state at i-1 predicts token i
-        sel, targets = masked[:, 1:], ids[:, 1:][masked[:, 1:]]
-    else:
-        sel, targets = masked, ids[masked]
-    rows = sel.nonzero()[:, 0]
-    heads = output_head(model)
-    if heads is None:
-        logits = full_logits(model, noisy)
-        logits = logits[:, :-1][sel] if spec.shift else logits[sel]
-    else:
-        h = hidden_states(model, noisy)
-        logits = heads[1]((h[:, :-1] if spec.shift else h)[sel])
-    logits = logits.float()
+    logits, targets, rows = masked_logits(model, spec, noisy, masked, ids)
     per_token = F.cross_entropy(logits, targets, reduction="none")  # [N]
     if cfg.certainty > 0:  # dParallel: sharpen the positions already right
         logp = logits.log_softmax(-1)
