@@ -52,6 +52,7 @@ from bench.sampling import (
     ensure_judge,
     judge_config,
     judge_name,
+    judge_strength,
     paired_difference,
     quality,
     run_interleaved,
@@ -262,6 +263,11 @@ def markdown(report: dict) -> str:
             out.append(f"| {r['length']} | {r['contender']} | {r['identical']}/{r['prompts']} | {r['ar_tokens_per_s']} | "
                        f"{r['tokens_per_s']} | {r['ratio_total']} | {r['ratio_median']} | {r['tokens_per_round']} | "
                        f"{r['acceptance']} | {r['mean_k']} | {r['draft_positions_per_token']} |")
+    if "judge" in report:
+        st = report["judge"]["strength"]
+        out += ["", f"Judge `{Path(report['judge']['path']).name}`: held-out exact NLL {st['judge']['bits_per_token']:.3f} "
+                f"bits/token vs the AR contender's {st['ar_contender']['bits_per_token']:.3f}. Judge NLL in nats per judge "
+                "token ± its standard error across prompts; Δ: paired difference on the same prompts."]
     for key, title, ref in (("diffusion", "Pure diffusion vs AR greedy generate() + KV", "AR greedy"),
                             ("collapse", "Collapse study: samples at temperature 1", "AR samples")):
         if key not in report:
@@ -313,6 +319,7 @@ def main(argv=None) -> int:
             judge_info = ensure_judge(factory_home() / "models" / judge_name(jcfg), jcfg)
         check_independent(judge_info["path"], {"AR": verifier_src, **report["drafters"]})
         judge = load_model(judge_info["path"])
+        judge_info["strength"] = judge_strength(judge, ar)
         report["judge"] = judge_info
         texts = prompts_from_heldout(args.quality_prompts)
         prompt_ids = encode_prompts(ar.tokenizer, texts)
