@@ -56,7 +56,7 @@ class SpeculativeConfig(BaseModel):
     adaptive: bool = Field(True, description="adapt k to the running acceptance rate (best_k); False: always k")
     draft_cost: float = Field(0.1, gt=0, description="adaptive k: cost of one more drafted and verified position, as a share of a round's fixed cost (two forwards)")
     draft_steps: int = Field(1, gt=0, description="greedy only: LLaDA denoising steps per draft (1: every draft token from one forward)")
-    refresh: int = Field(16, ge=0, description="drafter prefix KV cache: a full drafter forward every r rounds, in between only the tokens committed since and the k masks over the cached (approximate) prefix; 0: a full forward every round")
+    refresh: int = Field(64, ge=0, description="drafter prefix KV cache: a full drafter forward every r rounds, in between only the tokens committed since and the k masks over the cached (approximate) prefix; 0: a full forward every round")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy (the AR model's greedy output); > 0: speculative sampling at this temperature")
     seed: int = Field(0, description="seed of the sampling mode")
     stop_at_eos: bool = Field(True, description="stop at the verifier's EOS (it is not returned)")

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verifier", help="speculative: the AR verifier (default: the DLM's source AR model)")
     p.add_argument("--draft", type=int, help="speculative: tokens drafted in the first round (default: 4; adapted)")
     p.add_argument("--draft-refresh", type=int, help="speculative: the drafter's prefix KV cache is recomputed every "
-                                                     "N rounds (default: 16; 0: no cache, a full forward every round)")
+                                                     "N rounds (default: 64; 0: no cache, a full forward every round)")
     p.add_argument("--remasking", choices=["low_confidence", "random"],
                    help="llada: commit the most confident positions (default) or random ones (random-order "
                         "ancestral sampling with --temperature 1)")
