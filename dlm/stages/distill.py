@@ -60,6 +60,7 @@ class DistillConfig(BaseModel):
     prompt_len: int = Field(32, ge=2, description="prompt window in tokens (start token included)")
     length: int = Field(96, gt=0, description="tokens the teacher continues each prompt with (greedy)")
     teacher_batch: int = Field(32, gt=0, description="prompts per teacher generate() call")
+    teacher_temperature: float = Field(0.0, ge=0, description="0: the teacher's greedy continuations; > 0: its samples at this temperature (keeps the student's sampling diverse)")
     suffix_fraction: float = Field(0.5, ge=0, le=1, description="share of rows masked as a suffix (clean prefix, masks after a random cut) instead of at random")
     certainty: float = Field(0.0, ge=0, description="weight of the dParallel certainty term: entropy at correctly predicted masked positions (0: off)")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=150, batch_size=16, lr=1e-3, warmup_steps=10),
@@ -81,14 +82,15 @@ def distill_key(model: str | os.PathLike, teacher: str | os.PathLike, cfg: Disti
                             "data": source_digest(cfg.data)})
 
 
-def teacher_trajectories(teacher: Loaded, prompts: torch.Tensor, length: int, batch_size: int
-                         ) -> tuple[torch.Tensor, float]:
-    """prompt + the teacher's greedy continuation [N, P + length]; a continuation that ends early is
-    filled with EOS (LLaDA's padding: the student learns where text ends). Also the share that ended."""
+def teacher_trajectories(teacher: Loaded, prompts: torch.Tensor, length: int, batch_size: int,
+                         temperature: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """prompt + the teacher's continuation [N, P + length] (greedy, or sampled at ``temperature``); one
+    that ends early is filled with EOS (LLaDA's padding: the student learns where text ends). Also the
+    share that ended."""
     from dlm_factory.dlm.sampling.generate import ar_generate
 
     eos = teacher.tokenizer.eos_token_id
-    outs = ar_generate(teacher, prompts.tolist(), length, batch_size=batch_size)
+    outs = ar_generate(teacher, prompts.tolist(), length, batch_size=batch_size, temperature=temperature, seed=seed)
     ended = sum(len(o) < length for o in outs)
     rows = [p + o + [eos] * (length - len(o)) for p, o in zip(prompts.tolist(), outs, strict=True)]
     return torch.tensor(rows, dtype=torch.long), ended / max(len(outs), 1)
@@ -159,7 +161,8 @@ def distill(model: str | os.PathLike, teacher: str | os.PathLike, output: str | 
     pick = torch.linspace(0, len(windows) - 1, cfg.prompts).long()  # evenly over the corpus, deterministic
     rt = runtime.current()
     ar.model.eval()
-    ids, ended = teacher_trajectories(ar, windows[pick], cfg.length, cfg.teacher_batch)
+    ids, ended = teacher_trajectories(ar, windows[pick], cfg.length, cfg.teacher_batch, cfg.teacher_temperature,
+                                      cfg.train.seed)
     del ar  # the teacher's weights are not needed while the student trains
     data = Blocks(ids.cpu())
     spec = student.spec

@@ -61,6 +61,13 @@ def test_distill_learns_the_teachers_continuations(tiny_dlm, tiny_ar, tmp_path):
 
     cont = ar_generate(teacher, prompts.tolist(), 24)[0]
     assert ids.shape == (1, 40) and ids[0, 16 : 16 + len(cont)].tolist() == cont
+    # sampled trajectories (teacher_temperature > 0): seeded, and not the greedy ones
+    many = prompts.repeat(4, 1)
+    s1, _ = teacher_trajectories(teacher, many, 24, 8, temperature=1.0, seed=5)
+    s2, _ = teacher_trajectories(teacher, many, 24, 8, temperature=1.0, seed=5)
+    s3, _ = teacher_trajectories(teacher, many, 24, 8, temperature=1.0, seed=6)
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3) and not torch.equal(s1[0], ids[0])
+    assert torch.equal(s1[:, :16], many)
     # the loss on the teacher's trajectories (same masks) fell: the student learned what the teacher says
     from dlm_factory.dlm.data.corpus import read_documents, tokenize_blocks
 
