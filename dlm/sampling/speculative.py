@@ -14,7 +14,7 @@ diffusion drafter the same way. Each round:
    accepted a bonus token is drawn from p_{k+1}. The output then follows the AR model's
    distribution exactly, whatever the drafter proposes;
 4. the verifier's cache is cropped back to the accepted tokens, and k adapts to the
-   running acceptance (grows after a fully accepted round, shrinks to what was accepted).
+   running acceptance rate (``best_k``: the most expected tokens per unit of cost).
 
 The drafter's prefix cache (``refresh`` = r > 0, Fast-dLLM's approximate prefix cache
 applied across rounds): every r rounds one full forward over the committed text and the
