@@ -47,17 +47,16 @@ def corrupt(ids, t, spec: DiffusionSpec, keep=None, attention_mask=None, generat
     return torch.where(masked, torch.full_like(ids, spec.mask_token_id), ids), masked
 
 
-def _masked_nll(model, spec: DiffusionSpec, noisy, masked, ids, attention_mask, anneal_r, generator):
-    """-log p(x_i | x_t) at every masked position, and the batch index of each. ([N], [N])"""
+def masked_logits(model, spec: DiffusionSpec, noisy, masked, ids, attention_mask=None, anneal_r=None, generator=None):
+    """Logits at every masked position [N, V] (the head runs there only), their targets [N], batch rows [N]."""
     heads = output_head(model)
     if spec.shift:  # hidden state at i-1 predicts token i
         sel = masked[:, 1:]
         targets = ids[:, 1:][sel]
-        rows = sel.nonzero()[:, 0]
     else:
         sel = masked
         targets = ids[sel]
-        rows = sel.nonzero()[:, 0]
+    rows = sel.nonzero()[:, 0]
     if heads is None:
         logits = full_logits(model, noisy, attention_mask, anneal_r=anneal_r, generator=generator)
         logits = logits[:, :-1][sel] if spec.shift else logits[sel]
@@ -65,7 +64,13 @@ def _masked_nll(model, spec: DiffusionSpec, noisy, masked, ids, attention_mask, 
         h = hidden_states(model, noisy, attention_mask, anneal_r=anneal_r, generator=generator)
         h = h[:, :-1][sel] if spec.shift else h[sel]  # [N, H]: only masked positions reach the head
         logits = heads[1](h)
-    return F.cross_entropy(logits.float(), targets, reduction="none"), rows
+    return logits.float(), targets, rows
+
+
+def _masked_nll(model, spec: DiffusionSpec, noisy, masked, ids, attention_mask, anneal_r, generator):
+    """-log p(x_i | x_t) at every masked position, and the batch index of each. ([N], [N])"""
+    logits, targets, rows = masked_logits(model, spec, noisy, masked, ids, attention_mask, anneal_r, generator)
+    return F.cross_entropy(logits, targets, reduction="none"), rows
 
 
 def diffusion_loss(model, spec: DiffusionSpec, ids, *, attention_mask=None, keep=None, anneal_r=None,

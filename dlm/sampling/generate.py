@@ -47,8 +47,11 @@ def generate(loaded, prompts: list[str], cfg: SamplerConfig, *,
 
 
 @torch.no_grad()
-def ar_generate(loaded: Loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
-    """Greedy decoding with HF ``generate`` (KV cache), left-padded batches; cut at the first EOS."""
+def ar_generate(loaded: Loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16, *,
+                temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Greedy decoding with HF ``generate`` (KV cache), left-padded batches; cut at the first EOS.
+
+    ``temperature`` > 0: ancestral sampling at that temperature instead (no top-k/top-p), seeded."""
     tok, model = loaded.tokenizer, loaded.model
     eos, pad = tok.eos_token_id, pad_id(tok)
     device = model_device(model)
@@ -56,9 +59,13 @@ def ar_generate(loaded: Loaded, prompts: list[list[int]], max_new_tokens: int, b
     for lo in range(0, len(prompts), batch_size):
         ids, am = left_pad(prompts[lo : lo + batch_size], pad)
         P = ids.shape[1]
+        sampling = dict(do_sample=False)
+        if temperature > 0:
+            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            torch.manual_seed(seed * 1_000_003 + lo)  # HF samples from the global generator
         with inference_autocast(device):
             gen = model.generate(input_ids=ids.to(device), attention_mask=am.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True)
+                                 eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling)
         for row in gen[:, P:].tolist():
             cut = next((i for i, t in enumerate(row) if t in (eos, pad)), len(row))
             out.append(row[:cut])

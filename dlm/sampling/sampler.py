@@ -8,6 +8,9 @@ References (see shared/DESIGN.md, "Sampling"):
   whose top probability exceeds tau (0.9), at least one per step; block-wise
   approximate KV cache of the prefix ("prefix") or of prefix and suffix ("dual"),
   refreshed at block boundaries.
+- MDLM (Sahoo et al., 2024) / SMDM ancestral sampling: the positions unmasked at a step
+  are a uniformly random subset (LLaDA's ``random`` remasking); with temperature 1 it
+  samples the model's joint distribution in a random order, the unbiased reference.
 - SMDM (Nie et al., 2024), unsupervised classifier-free guidance: un = the
   prediction with the prompt replaced by [MASK]; logits = un + (w+1)(cond - un).
 
@@ -47,6 +50,7 @@ class SamplerConfig(BaseModel):
     sampler: Literal["llada", "threshold"] = Field("threshold", description="llada: low-confidence remasking with a fixed step count; threshold: Fast-dLLM confidence-threshold parallel decoding")
     length: int = Field(64, gt=0, description="response length L in tokens (generated after each prompt)")
     steps: int | None = Field(None, gt=0, description="llada: denoising steps S <= length (default: length, one token per step); threshold: unused")
+    remasking: Literal["low_confidence", "random"] = Field("low_confidence", description="llada: which masked positions each step commits: the most confident (LLaDA's default) or uniformly random ones (LLaDA's random remasking = MDLM/SMDM random-order ancestral sampling at temperature 1)")
     block_size: int = Field(32, gt=0, description="semi-autoregressive block size; blocks are decoded left to right")
     threshold: float = Field(0.9, ge=0.0, le=1.0, description="threshold sampler: commit every masked position whose confidence exceeds tau (at least one per step)")
     cache: Literal["none", "prefix", "dual"] = Field("dual", description="threshold sampler: approximate KV cache refreshed at block boundaries (prefix, or prefix + suffix); used when the denoiser supports it")
@@ -61,6 +65,8 @@ class SamplerConfig(BaseModel):
     def _steps_fit(self):
         if self.steps is not None and self.steps > self.length:
             raise ValueError(f"steps ({self.steps}) must be <= length ({self.length})")
+        if self.remasking == "random" and self.sampler != "llada":
+            raise ValueError("random remasking needs the llada sampler (the threshold sampler commits by confidence)")
         return self
 
     def n_steps(self) -> int:
@@ -251,6 +257,8 @@ def sample(denoiser, prompts: list[list[int]], cfg: SamplerConfig, *,
                 break
             lp = predict(x, (s, e), first=k == 0)  # [B, n, V]
             tokens, conf = choose(lp, cfg, gen)
+            if cfg.remasking == "random":  # every masked position equally likely to be committed next
+                conf = torch.rand(conf.shape, generator=gen, device=conf.device)
             conf = conf.masked_fill(~masked, -1.0)
             if cfg.sampler == "llada":
                 top = conf.topk(min(schedule[k], int(masked.sum(-1).min())), dim=-1).indices  # [B, k]

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "dlm_factory.cli.core",  # bootstrap, convert, eval
     "dlm_factory.cli.generate",  # generate
     "dlm_factory.cli.instruct",  # instruct, instruct-eval
+    "dlm_factory.cli.distill",  # distill (AR teacher -> DLM, for parallel and speculative decoding)
     "dlm_factory.cli.specialize",  # specialize
     "dlm_factory.cli.ensemble",  # ensemble build/eval/route/show
     "dlm_factory.cli.scale",  # scale

@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(greedy output = the AR model's greedy output; see docs/sampling.md)")
     p.add_argument("--verifier", help="speculative: the AR verifier (default: the DLM's source AR model)")
     p.add_argument("--draft", type=int, help="speculative: tokens drafted in the first round (default: 4; adapted)")
+    p.add_argument("--draft-refresh", type=int, help="speculative: the drafter's prefix KV cache is recomputed every "
+                                                     "N rounds (default: 64; 0: no cache, a full forward every round)")
+    p.add_argument("--remasking", choices=["low_confidence", "random"],
+                   help="llada: commit the most confident positions (default) or random ones (random-order "
+                        "ancestral sampling with --temperature 1)")
     p.add_argument("--threshold", type=float, help="threshold sampler: confidence tau (default: 0.9)")
     p.add_argument("--block-size", type=int, help="semi-autoregressive block size (default: 32)")
     p.add_argument("--cache", choices=["none", "prefix", "dual"], help="threshold sampler: KV cache (default: dual)")
@@ -54,7 +59,7 @@ def sampler_config(args):
 
     values = dict(sampler=args.sampler, length=args.length, steps=args.steps, threshold=args.threshold,
                   block_size=args.block_size, cache=args.cache, cfg_weight=args.cfg, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, remasking=args.remasking,
                   stop_at_eos=False if args.no_stop_at_eos else None)
     flags = {"cfg_weight": "--cfg", "block_size": "--block-size", "top_k": "--top-k", "top_p": "--top-p"}
     try:
@@ -154,12 +159,12 @@ def _speculative(args) -> int:
     from dlm_factory.dlm.sampling.speculative import SpeculativeConfig, speculative_generate
 
     values = {"length": args.length, "k": args.draft, "temperature": args.temperature, "seed": args.seed,
-              "stop_at_eos": False if args.no_stop_at_eos else None}
+              "refresh": args.draft_refresh, "stop_at_eos": False if args.no_stop_at_eos else None}
     try:
         cfg = SpeculativeConfig(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
-        flag = {"k": "--draft", "stop_at_eos": "--no-stop-at-eos"}.get(str(err["loc"][0]), f"--{err['loc'][0]}")
+        flag = {"k": "--draft", "refresh": "--draft-refresh", "stop_at_eos": "--no-stop-at-eos"}.get(str(err["loc"][0]), f"--{err['loc'][0]}")
         raise FactoryError(f"{flag}: {err['msg']}") from e
     drafter = load_model(args.model)
     if drafter.spec is None:

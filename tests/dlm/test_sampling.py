@@ -226,6 +226,43 @@ def test_cfg_weight_zero_equals_no_cfg(rand):
     assert sample(rand, PROMPTS, cfg(cfg_weight=2.0)) != sample(rand, PROMPTS, cfg())
 
 
+# ----------------------------------------------------------------------------- remasking order
+
+
+class Graded:
+    """Fake denoiser whose confidence falls with the response offset: token 3 + offset, certainty 0.9 ... 0.2."""
+
+    def __init__(self, spec, L):
+        self.spec, self.L = spec, L
+
+    def __call__(self, ids, attention_mask=None):
+        B, T = ids.shape
+        probs = torch.full((B, T, 32), 1e-3)
+        for j in range(self.L):
+            probs[:, T - self.L + j, 3 + j] = 0.9 - 0.1 * j
+        return (probs / probs.sum(-1, keepdim=True)).log()
+
+
+def test_random_remasking_commits_positions_in_a_uniform_order():
+    spec = DiffusionSpec(mask_token_id=31, mask_token="[M]", shift=True, tokenizer_digest="x")
+    fake, L = Graded(spec, 8), 8
+    first = []
+    for seed in range(400):
+        events = []
+        out = sample(fake, [[1, 2]], SamplerConfig(sampler="llada", length=L, block_size=L, steps=L, seed=seed,
+                                                   remasking="random", stop_at_eos=False), on_step=events.append)
+        assert out == [[3 + j for j in range(L)]]  # same tokens (greedy), only the order differs
+        first.append(events[0].committed[0][0][0])
+    counts = torch.bincount(torch.tensor(first), minlength=L)
+    assert counts.min() > 25 and counts.max() < 75  # ~50 each: uniform over the 8 positions
+    events = []
+    sample(fake, [[1, 2]], SamplerConfig(sampler="llada", length=L, block_size=L, steps=L, stop_at_eos=False),
+           on_step=events.append)
+    assert [e.committed[0][0][0] for e in events] == list(range(L))  # low confidence: most confident first
+    with pytest.raises(ValueError, match="random remasking needs the llada sampler"):
+        SamplerConfig(remasking="random")
+
+
 # ----------------------------------------------------------------------------- EOS
 
 
@@ -294,6 +331,7 @@ def test_cli_generate_prints_text_and_streams(tiny_dlm, capsys):
     (["--length", "8", "--steps", "9"], "steps (9) must be <= length (8)"),
     (["--length", "200", "--prompt", "x = 1\n" * 40], "exceeds the model's context of 256 positions"),
     (["--length", "64", "--steps", "1", "--sampler", "llada"], "must be >= the number of blocks"),
+    (["--remasking", "random"], "random remasking needs the llada sampler"),
 ])
 def test_cli_bad_input_exits_2(tiny_dlm, capsys, flags, message):
     assert main(["generate", "--model", tiny_dlm, "--prompt", "x", *flags]) == 2

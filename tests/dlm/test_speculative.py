@@ -16,6 +16,7 @@ from dlm_factory.dlm.sampling.speculative import (
     SpeculativeStats,
     Speculator,
     accept,
+    best_k,
     speculative_generate,
 )
 
@@ -27,8 +28,9 @@ def pair(tiny_dlm, tiny_ar):
     return load_model(tiny_dlm), load_model(tiny_ar)
 
 
-@pytest.mark.parametrize("cfg", [SpeculativeConfig(length=24), SpeculativeConfig(length=24, k=8, adaptive=False),
-                                 SpeculativeConfig(length=24, k=6, draft_steps=3)])
+@pytest.mark.parametrize("cfg", [SpeculativeConfig(length=24, refresh=0), SpeculativeConfig(length=24, k=8, adaptive=False),
+                                 SpeculativeConfig(length=24, k=6, draft_steps=3), SpeculativeConfig(length=24, refresh=4),
+                                 SpeculativeConfig(length=24, k=8, refresh=3, temperature=0.0, k_max=8)])
 def test_greedy_is_token_for_token_ar_greedy(pair, cfg):
     dlm, ar = pair
     prompts = encode_prompts(ar.tokenizer, PROMPTS)
@@ -37,6 +39,50 @@ def test_greedy_is_token_for_token_ar_greedy(pair, cfg):
     assert got == expected
     assert stats.rounds > 0 and stats.tokens == sum(map(len, got))
     assert stats.tokens_per_round >= 1.0  # every round commits at least the verifier's token
+
+
+def test_drafter_prefix_cache(pair):
+    """A full drafter forward gives the denoiser's own log-probs; the stored prefix reproduces them exactly
+    while nothing before the window changed, and approximately after; refresh = 8 reads far fewer positions."""
+    dlm, ar = pair
+    from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+
+    den, mask = ModelDenoiser(dlm), dlm.spec.mask_token_id
+    context = encode_prompts(ar.tokenizer, ["def add(a, b):\n    return a + b\n\n"])[0]
+    spec = Speculator(dlm, ar, SpeculativeConfig(refresh=8))
+    stats = SpeculativeStats()
+    x = torch.tensor([context + [mask] * 4])
+    first = spec._draft_log_probs(x, len(context), stats)
+    full = den(x)[0, len(context):]
+    assert torch.allclose(first, full, atol=1e-4) and stats.draft_positions == x.shape[1]
+    assert spec._prefix[0][0].shape[2] == len(context)  # committed positions stored, masks dropped
+    # the same text again: the window is the last committed position (under the shift it predicts the first
+    # mask) and the 4 masks, and exact (the stored prefix saw these very masks)
+    again = spec._draft_log_probs(x, len(context), stats)
+    assert torch.allclose(again, full, atol=1e-4) and stats.draft_positions == x.shape[1] + 5
+    # two more committed tokens: a window of 2 + 4, approximate (the stored entries saw masks there)
+    y = torch.tensor([context + [17, 18] + [mask] * 4])
+    approx = spec._draft_log_probs(y, len(context) + 2, stats)
+    exact = den(y)[0, len(context) + 2:]
+    assert stats.draft_positions == x.shape[1] + 5 + 6
+    assert (approx - exact).abs().max() < 0.5 * (exact - full[:, :]).abs().max() + 1e-3  # close, not unrelated
+    outs = {}
+    for refresh in (0, 8):
+        stats = SpeculativeStats()
+        cfg = SpeculativeConfig(length=32, k=4, adaptive=False, refresh=refresh)
+        outs[refresh] = ([Speculator(dlm, ar, cfg).generate(p, stats) for p in encode_prompts(ar.tokenizer, PROMPTS)],
+                         stats.draft_positions)
+    assert outs[0][0] == outs[8][0]  # the verifier decides: the same output whatever the drafts
+    assert outs[8][1] < 0.5 * outs[0][1]
+
+
+def test_adaptive_k_follows_the_running_acceptance():
+    cfg = SpeculativeConfig(k_min=1, k_max=16, draft_cost=0.1)
+    ks = [best_k(acc, 100 - acc, cfg) for acc in (0, 20, 40, 60, 80, 95, 99)]
+    assert ks == sorted(ks) and ks[0] == 1 and ks[-1] == 16  # more acceptance, longer drafts
+    a = 0.5  # at a = 1/2 the expected tokens saturate at 2: drafts beyond a few only cost
+    assert best_k(1, 1, cfg) == max(range(1, 17), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + 0.1 * k)) == 2
+    assert best_k(10**6, 0, SpeculativeConfig(k_max=8)) == 8 and best_k(0, 10**6, SpeculativeConfig(k_min=3)) == 3
 
 
 def _chi2_pvalue(observed: torch.Tensor, probs: torch.Tensor, n: int) -> float:
@@ -112,6 +158,8 @@ def test_cli_speculative_defaults_to_the_lineage_verifier(tiny_dlm, tiny_ar, cap
                  "--length", "8", "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["verifier"] == tiny_ar and len(out["texts"]) == 1 and out["tokens_per_round"] >= 1
+    assert main(["generate", "--model", tiny_dlm, "--prompt", "x", "--sampler", "speculative", "--draft-refresh", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --draft-refresh:")
     assert main(["generate", "--model", tiny_dlm, "--prompt", "x", "--sampler", "speculative", "--draft", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --draft:")
     assert main(["generate", "--model", tiny_dlm, "--prompt", "x", "--sampler", "speculative",
