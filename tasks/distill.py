@@ -12,8 +12,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from dlm_factory.dlm.evaluation.decoding import DraftEvalConfig, drafter_agreement
 from dlm_factory.dlm.stages.distill import DistillConfig, distill, distill_key
-from dlm_factory.tasks.models import checkpoint_dir, reuse
+from dlm_factory.tasks.models import checkpoint_dir, digest_cache_key, reuse
 
 
 @task(name="distill", retries=1, task_run_name="distill {teacher} -> {model} -> {output}")
@@ -35,3 +36,10 @@ def distill_task(model: str, teacher: str, output: str, config: DistillConfig | 
                           result.trajectories, 100 * result.teacher_eos_fraction, result.train.final_loss,
                           result.train.tokens_per_s)
     return output
+
+
+@task(name="drafter-eval", task_run_name="drafter {drafter} for {verifier}",
+      cache_key_fn=digest_cache_key("drafter", "verifier"), persist_result=True, result_serializer="json")
+def drafter_eval_task(drafter: str, verifier: str, config: DraftEvalConfig | None = None) -> dict:
+    """Tokens per verification (and exactness) of ``drafter`` in greedy speculative decoding for ``verifier``."""
+    return drafter_agreement(drafter, verifier, config)

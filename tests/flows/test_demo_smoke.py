@@ -25,10 +25,12 @@ def test_demo_smoke_profile_in_a_factory_home_that_does_not_exist(tmp_path):
     out = proc.stderr + proc.stdout
     models = home / "models"
     for name, stage in [("stdlib-ar", "bootstrap"), ("stdlib-dlm", "convert"), ("stdlib-dlm-instruct", "instruct"),
-                        ("stdlib-dlm-instruct-judge", "instruct"), ("specialist-dlm", "convert")]:
+                        ("stdlib-dlm-instruct-judge", "instruct"), ("specialist-dlm", "convert"), ("stdlib-dlm-distilled", "distill")]:
         record = (models / name / "stage.json").read_text()
         assert f'"stage": "{stage}"' in record, name
     assert (home / "scaling" / "stdlib-ar" / "scaling.png").stat().st_size > 0  # the ladder was fitted
+    distill_row = next(line for line in out.splitlines() if line.startswith("| distill |"))
+    assert "speculative tokens/verification" in distill_row and "stdlib-dlm-distilled" in distill_row
     assert (home / "prefect").is_dir()  # Prefect's home was created under the new FACTORY_HOME
     assert "instruction-tuned DLM" in out  # the instruct flow's closing comparison was printed
 
