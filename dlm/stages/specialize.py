@@ -52,6 +52,8 @@ from dlm_factory.dlm.diffusion.objective import diffusion_loss
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.evaluation.likelihood import paired_elbo
 from dlm_factory.dlm.paths import atomic_dir, materialize
+from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
+from dlm_factory.dlm.stages.convert import ConvertConfig
 from dlm_factory.dlm.train.config import TrainConfig, TrainResult
 from dlm_factory.dlm.train.loop import train
 from dlm_factory.dlm.train.qlora import (
@@ -65,6 +67,16 @@ from dlm_factory.dlm.train.qlora import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# The embedded demo's specialist base: ~15x fewer parameters than the stdlib general model (tied embeddings), trained on the same
+# corpus (GENERAL_TRAIN by default: without the demo users' packages) with the general model's tokenizer.
+# Widths are multiples of 64: bitsandbytes' CPU 4-bit kernels work on blocks of 64 ("N must be divisible by block_n").
+SPECIALIST_BASE = BootstrapConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192,
+                                  tie_embeddings=True, max_chars=2_000_000,
+                                  train=TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup_steps=20))
+SPECIALIST_CONVERT = ConvertConfig(max_chars=1_000_000, anneal_steps=50,
+                                   train=TrainConfig(steps=150, batch_size=16, lr=2e-3, warmup_steps=10))
 
 
 class SpecializeConfig(BaseModel):
