@@ -57,7 +57,7 @@ from dlm_factory.dlm.data.users import (
     user_documents,
 )
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
-from dlm_factory.dlm.diffusion.ensemble import EMULATED_FINETUNING, EnsembleDenoiser, form_weights
+from dlm_factory.dlm.diffusion.ensemble import FORM_SHORT, FORMS, EnsembleDenoiser, form_weights
 from dlm_factory.dlm.diffusion.objective import ar_loss
 from dlm_factory.dlm.evaluation.gate import GateConfig
 from dlm_factory.dlm.evaluation.likelihood import ar_combined_nll
@@ -105,11 +105,11 @@ def ar_collaboration(general_ar: Path, spec_ar: Path, small_ar_dir: Path, valida
     models = {"general": load_model(general_ar).model, "specialist": load_model(spec_ar).model,
               "base": load_model(small_ar_dir).model}
     grid = {}
-    for form in ("product_of_experts", EMULATED_FINETUNING):
+    for form in FORMS:
         for lam in lambdas:
             wg, ws, wb = form_weights(form, lam)
             weights = {"general": wg, "specialist": ws} | ({"base": wb} if wb else {})
-            grid[f"{'poe' if wb == 0 else 'eft'}@{lam:g}"] = weights
+            grid[f"{FORM_SHORT[form]}@{lam:g}"] = weights
     val = ar_combined_nll(models, grid, validation.ids, attention_mask=validation.attention_mask, keep=validation.keep)
     best = min(grid, key=lambda k: val[k].bits_per_token)
     est = ar_combined_nll(models, {best: grid[best]}, test.ids, attention_mask=test.attention_mask, keep=test.keep)
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="small measurement budgets and two users: checks the bench runs")
     ap.add_argument("--max-windows", type=int, default=48, help="held-out windows per user (half validation, half test)")
     ap.add_argument("--mc-samples", type=int, default=16, help="Monte Carlo samples per window for every ELBO")
-    ap.add_argument("--lambdas", default="0.125,0.25,0.5,0.75,1,1.5,2", help="lambda grid")
+    ap.add_argument("--lambdas", default="0.125,0.25,0.5,0.75,1,1.5,2,3,4,8", help="lambda grid")
     ap.add_argument("--gate-prompts", type=int, default=16, help="held-out prompts sampled by the gate")
     ap.add_argument("--length", type=int, default=64, help="response length of the gate and overhead samples")
     ap.add_argument("--overhead-repeats", type=int, default=3, help="rounds of the overhead timing")
@@ -297,13 +297,18 @@ def main(argv=None) -> int:
     prompt_ids = encode_prompts(g.tokenizer, prompts)
     lam0 = per_user[u0]["lambda"]
     ocfg = SamplerConfig(length=args.length, block_size=32, stop_at_eos=False)
-    contenders = {"general": g, "poe": EnsembleDenoiser.combine("poe", lam0, g, s),
-                  "eft": EnsembleDenoiser.combine("eft", lam0, g, s, b)}
+    form0 = per_user[u0]["form"]
+    chosen = f"{FORM_SHORT[form0]}@{lam0:g} (chosen)"
+    # the user's tuned ensemble, and the product and EFT at lambda 1 (a sharper product, e.g. lambda 3, lets
+    # the threshold sampler commit more tokens per step: faster than the general model, not a cost figure)
+    contenders = {"general": g, chosen: EnsembleDenoiser.combine(form0, lam0, g, s, b),
+                  "poe@1": EnsembleDenoiser.combine("poe", 1.0, g, s),
+                  "eft@1": EnsembleDenoiser.combine("eft", 1.0, g, s, b)}
     over = overhead(contenders, prompt_ids, ocfg, args.overhead_repeats)
     say("overhead per step vs general size")
     steps = step_overhead(general_dlm, s, specs[u0][0], b, [] if args.smoke else [(384, 8, 6), (512, 12, 8)],
                           batch=len(prompt_ids), prompt=40, length=args.length, reps=3 if args.smoke else 8)
-    over_llada = overhead({"general": g, "poe": contenders["poe"]}, prompt_ids,
+    over_llada = overhead({"general": g, chosen: contenders[chosen]}, prompt_ids,
                           SamplerConfig(sampler="llada", length=args.length, block_size=32, stop_at_eos=False),
                           max(1, args.overhead_repeats - 1))
 
@@ -319,7 +324,7 @@ def main(argv=None) -> int:
                      for m in (args.prefix_tokens // 2, longest)}
     routing_other |= {f"R={r}": routing_accuracy(specialists, requests, rcfg.model_copy(update={"mc_samples": r}))
                       for r in (8, 128)}  # estimator noise: fewer / more draws at the same M
-    gen_per_request = over["poe"]["seconds"] / (args.overhead_repeats * len(prompt_ids))
+    gen_per_request = over[chosen]["seconds"] / (args.overhead_repeats * len(prompt_ids))
     measure_seconds = time.perf_counter() - t_measure
 
     report = clean({
@@ -329,7 +334,7 @@ def main(argv=None) -> int:
         "per_user": per_user,
         "overhead": {"threshold_dual": over, "llada": over_llada, "per_step": steps, "user": u0,
                      "prompts": len(prompt_ids),
-                     "length": args.length, "lambda": lam0},
+                     "length": args.length, "lambda": lam0, "form": form0},
         "router": {"main": routing, "other": routing_other, "generation_seconds_per_request": gen_per_request,
                    "routing_over_generation": routing["seconds_per_request"] / gen_per_request},
         "seconds": {"build": build_seconds, "measure": measure_seconds, "total": time.perf_counter() - t_start,
@@ -355,7 +360,7 @@ def markdown(r: dict) -> str:
            "| user | general | specialist | ensemble (form, λ) | ens − general | ens − specialist | gate |",
            "|---|---:|---:|---|---:|---:|---|"]
     for u, p in r["per_user"].items():
-        form = "PoE" if p["form"] == "product_of_experts" else "EFT"
+        form = FORM_SHORT[p["form"]]
         out.append(f"| {u} | {pm(p['general'])} | {pm(p['specialist'])} | {pm(p['ensemble'])} ({form}, {p['lambda']:g}) | "
                    f"{pm(p['ensemble_minus_general'])} | {pm(p['ensemble_minus_specialist'])} | "
                    f"{'pass' if p['gate_passed'] else 'FAIL: ' + ', '.join(k for k, v in p['gate_checks'].items() if not v)} |")
@@ -369,7 +374,7 @@ def markdown(r: dict) -> str:
                    f"{a['ensemble']['bits_per_token']:.3f} ({a['choice']}) | {a['specialist']['bits_per_token']:.3f} | "
                    f"{100 * p['relative_gain_ar']:.1f}% |")
     o = r["overhead"]
-    out += ["", f"Sampling overhead (user {o['user']}, {o['prompts']} prompts x {o['length']} tokens, λ = {o['lambda']:g}):", "",
+    out += ["", f"Sampling overhead (user {o['user']}, {o['prompts']} prompts x {o['length']} tokens, chosen {o['form']} at λ = {o['lambda']:g}):", "",
             "| sampler | contender | seconds | tokens/s | time vs general |", "|---|---|---:|---:|---:|"]
     for sampler, rows in (("threshold, dual cache", o["threshold_dual"]), ("llada (steps = length)", o["llada"])):
         for name, v in rows.items():

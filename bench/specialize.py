@@ -75,7 +75,7 @@ def quality(args, m) -> list[dict]:
         w = rolling_windows(base.tokenizer, docs, m.spec_config.seq_len, max_windows=args.windows)
         est = paired_elbo({"own": specialists[user], "untuned": base, "general": general, "other": specialists[other]},
                           w.ids, attention_mask=w.attention_mask, keep=w.keep, n=args.mc_samples, seed=0)
-        row = {"user": user, "other": other, "tokens": est["own"].tokens}
+        row = {"user": user, "other_user": other, "tokens": est["own"].tokens}
         for name in ("own", "untuned", "general", "other"):
             row[name] = [round(est[name].bits_per_token, 4), round(est[name].stderr, 4)]
         for name in ("untuned", "general", "other"):  # paired difference: contender - own (> 0: own is better)
@@ -143,32 +143,40 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
-    tc = m.spec_config.train
-    print(f"\nGeneral DLM {params['general']:,} parameters, specialist base {params['base']:,} "
-          f"({params['general'] / params['base']:.1f}x smaller); specialists: QLoRA rank {m.spec_config.qlora.rank}, "
-          f"{tc.steps} steps at lr {tc.lr:g}, batch {tc.batch_size}.")
-    print("\n| user | tokens | own specialist | untuned base - own | general - own | other user's - own |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in result["quality"]:
-        def f(v):
-            return f"{v[0]:+.3f} ± {v[1]:.3f}"
-        print(f"| {r['user']} | {r['tokens']} | {r['own'][0]:.3f} ± {r['own'][1]:.3f} | {f(r['untuned-own'])} | "
-              f"{f(r['general-own'])} | {f(r['other-own'])} ({r['other']}) |")
-    print("\nbits/token on the user's held-out split; a difference > 0 means the user's own specialist is better "
+    print(markdown(result))
+    return 0
+
+
+def markdown(r0: dict) -> str:
+    params, sc = r0["params"], r0["specialize_config"]
+    tc = sc["train"]
+    out = []
+    out.append(f"\nGeneral DLM {params['general']:,} parameters, specialist base {params['base']:,} "
+          f"({params['general'] / params['base']:.1f}x smaller); specialists: QLoRA rank {sc['qlora']['rank']}, "
+          f"{tc['steps']} steps at lr {tc['lr']:g}, batch {tc['batch_size']}.")
+    out.append("\n| user | tokens | own specialist | untuned base - own | general - own | other user's - own |")
+    out.append("|---|---:|---:|---:|---:|---:|")
+    def f(v):
+        return f"{v[0]:+.3f} ± {v[1]:.3f}"
+
+    for r in r0["quality"]:
+        out.append(f"| {r['user']} | {r['tokens']} | {r['own'][0]:.3f} ± {r['own'][1]:.3f} | {f(r['untuned-own'])} | "
+              f"{f(r['general-own'])} | {f(r['other-own'])} ({r['other_user']}) |")
+    out.append("\nbits/token on the user's held-out split; a difference > 0 means the user's own specialist is better "
           "(paired on shared draws, ± one standard error).")
-    print("\n| user | 4-bit / bf16 bytes, linear layers | whole checkpoint | ELBO adapter on 4-bit | merged 4-bit | "
+    out.append("\n| user | 4-bit / bf16 bytes, linear layers | whole checkpoint | ELBO adapter on 4-bit | merged 4-bit | "
           "merged bf16 | merge change |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in result["size"]:
-        print(f"| {r['user']} | {r['ratio']['linear']:.3f} | {r['ratio']['checkpoint']:.3f} | "
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    for r in r0["size"]:
+        out.append(f"| {r['user']} | {r['ratio']['linear']:.3f} | {r['ratio']['checkpoint']:.3f} | "
               f"{r['adapter_4bit']['bits_per_token']:.3f} | {r['merged_4bit']['bits_per_token']:.3f} | "
               f"{r['merged_bf16']['bits_per_token']:.3f} | {100 * r['merge_change_relative']:+.2f}% |")
-    t = result["timing"]
-    print(f"\nTwo users ({', '.join(t['users'])}, {t['steps']} steps each): parallel / sequential wall time = "
+    t = r0["timing"]
+    out.append(f"\nTwo users ({', '.join(t['users'])}, {t['steps']} steps each): parallel / sequential wall time = "
           f"{t['ratio_parallel_over_sequential']} (median of {len(t['parallel_s'])}; sequential {t['sequential_s']} s, "
           f"parallel {t['parallel_s']} s; {t['threads_per_job']} torch thread(s) per job; load average "
           f"{t['load_average']}).")
-    return 0
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
