@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
-## Run the whole factory on its embedded defaults (CPU, no network, ./.factory/).
+## The umbrella `factory` flow on its embedded defaults (CPU, no network, ./.factory/; docs/orchestration.md).
 demo: $(STAMP)
 	$(BIN)/factory demo
 

@@ -7,11 +7,12 @@ from prefect import flow
 from dlm_factory.dlm.evaluation.corpus import EvalConfig
 from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
 from dlm_factory.dlm.stages.convert import ConvertConfig
+from dlm_factory.flows.naming import run_name
 from dlm_factory.home import factory_home
 from dlm_factory.tasks.models import bootstrap_task, convert_task, eval_task, report_artifact
 
 
-@flow(name="convert", log_prints=True)
+@flow(name="convert", log_prints=True, flow_run_name=run_name("convert"))
 def convert_flow(base_model: str | None = None, name: str = "stdlib-dlm",
                  convert_config: ConvertConfig | None = None,
                  eval_config: EvalConfig | None = None,

@@ -16,6 +16,7 @@ from dlm_factory.dlm.checkpoint.record import lineage_root
 from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig, summary
 from dlm_factory.dlm.paths import materialize
 from dlm_factory.dlm.stages.instruct import InstructConfig
+from dlm_factory.flows.naming import run_name
 from dlm_factory.home import factory_home
 from dlm_factory.tasks.instruct import instruct_eval_task, instruct_task
 from dlm_factory.tasks.models import report_artifact
@@ -29,7 +30,7 @@ def judge_config(config: InstructConfig) -> InstructConfig:
                                      "train": config.train.model_copy(update={"seed": JUDGE_SEED})})
 
 
-@flow(name="instruct", log_prints=True)
+@flow(name="instruct", log_prints=True, flow_run_name=run_name("instruct", base="model"))
 def instruct_flow(model: str | None = None, name: str = "stdlib-dlm-instruct",
                   config: InstructConfig | None = None, eval_config: InstructEvalConfig | None = None,
                   judge: str | None = None) -> dict:
@@ -61,9 +62,12 @@ def instruct_flow(model: str | None = None, name: str = "stdlib-dlm-instruct",
     base_eval = instruct_eval_task(model, "untuned", eval_config)
     rows = [{"model": "untuned DLM", "path": model, **summary(base_eval)},
             {"model": "instruction-tuned DLM", "path": tuned, **summary(tuned_eval)}]
+    samples = [{"model": label, "prompt": s.get("source", "")[:160], "text": s.get("text", "")[:200]}
+               for label, res in (("untuned", base_eval), ("tuned", tuned_eval))
+               for s in (res.get("generation") or {}).get("samples", [])[:2]]
     report_artifact(f"instruct-{name}", rows,
                     f"Held-out instructions: conditional ELBO (bits/token), parse rate, judge NLL (nats/token, "
-                    f"judge {judge}), first-line exact match; tuned vs untuned")
+                    f"judge {judge}), first-line exact match; tuned vs untuned", samples=samples)
     for r in rows:
         print(f"{r['model']:22s} ELBO {r['cond_bits_per_token']} bits/token, parse {r['parse_rate']}, "
               f"judge NLL {r['judge_nll']}, exact first line {r['exact_first_line']}")

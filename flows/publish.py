@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
+from dlm_factory.flows.naming import run_name
 from dlm_factory.tasks.publish import publish_task
 
 
-@flow(name="publish", log_prints=True)
+@flow(name="publish", log_prints=True, flow_run_name=run_name("publish", base="src", users="user", extra="name", all_users=False))
 def publish_flow(src: str, name: str, kind: str = "general", user: str | None = None, root: str | None = None,
                  base_model: str | None = None, parents: list[str] | None = None,
                  evals: list[dict] | None = None, lineage: dict | None = None) -> dict:

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
 from dlm_factory.dlm.stages.scale import ScaleConfig
+from dlm_factory.flows.naming import run_name
 from dlm_factory.home import factory_home
 from dlm_factory.tasks.kubernetes import DistributedJobSpec, launch_distributed_task
 from dlm_factory.tasks.models import bootstrap_task
@@ -28,7 +29,7 @@ from dlm_factory.tasks.scale import (
 )
 
 
-@flow(name="scale", log_prints=True)
+@flow(name="scale", log_prints=True, flow_run_name=run_name("scale", base="model"))
 def scale_flow(model: str | None = None, ladder: str | None = None, output: str | None = None,
                config: ScaleConfig | None = None, max_parallel: int = 1,
                kubernetes: DistributedJobSpec | None = None,

@@ -14,12 +14,13 @@ from prefect import flow, get_run_logger
 from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
 from dlm_factory.dlm.stages.convert import ConvertConfig
 from dlm_factory.dlm.stages.specialize import SPECIALIST_BASE, SPECIALIST_CONVERT, SpecializeConfig
+from dlm_factory.flows.naming import run_name
 from dlm_factory.home import factory_home
 from dlm_factory.tasks.models import bootstrap_task, convert_task, report_artifact
 from dlm_factory.tasks.specialize import list_users_task, specialize_task
 
 
-@flow(name="specialize", log_prints=True)
+@flow(name="specialize", log_prints=True, flow_run_name=run_name("specialize", base="general", users="users"))
 def specialize_flow(users: list[str] | None = None, general: str | None = None, model: str | None = None,
                     data_root: str | None = None, config: SpecializeConfig | None = None,
                     base_config: BootstrapConfig | None = None, convert_config: ConvertConfig | None = None,

@@ -10,12 +10,13 @@ from prefect import flow, get_run_logger
 
 from dlm_factory.dlm.data.users import user_dir
 from dlm_factory.dlm.stages.ensemble import EnsembleConfig
+from dlm_factory.flows.naming import run_name
 from dlm_factory.home import factory_home
 from dlm_factory.tasks.models import report_artifact
 from dlm_factory.tasks.validate import ensemble_task, publish_ensemble_task
 
 
-@flow(name="validate", log_prints=True)
+@flow(name="validate", log_prints=True, flow_run_name=run_name("validate", base="general", users="users"))
 def validate_flow(users: list[str], general: str | None = None, base: str | None = None,
                   config: EnsembleConfig | None = None, catalog: str | None = None, publish: bool = True) -> dict:
     """Build, gate and (when it passes) publish each user's ensemble.

@@ -6,7 +6,7 @@ resumes from its checkpoint, bad input never is. On a cluster a rung is a multi-
 Indexed Job (``rung_job_spec`` + tasks.kubernetes.launch_distributed_task) writing to the
 object store; locally it is a ``torchrun`` job on this machine.
 
-The report task attaches the fits to the flow run: a table artifact (the rungs), a markdown
+The report task attaches the fits to the flow run: a markdown table artifact (the rungs), a markdown
 artifact (REPORT.md: the laws, the multiplier, the compute-optimal size) and an image
 artifact of the plot. Prefect 3.8's image artifact takes a URL, not bytes: the PNG is given
 as a ``data:image/png;base64,`` URL (the UI renders it inline, no file server needed); the
@@ -15,12 +15,11 @@ file itself lies beside the outputs (``scaling.png``).
 
 from __future__ import annotations
 
-import base64
 import re
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.stages.scale import (
@@ -37,10 +36,7 @@ from dlm_factory.dlm.stages.scale import (
     summarize,
 )
 from dlm_factory.tasks.kubernetes import DistributedJobSpec
-from dlm_factory.tasks.models import report_artifact
-
-# The PNG goes inline as a data URL up to this size (a 7.5x5 in plot at 120 dpi is ~60-90 KB).
-MAX_INLINE_PNG = 1_000_000
+from dlm_factory.tasks.models import image_artifact, report_artifact
 
 
 def _transient(task, task_run, state) -> bool:
@@ -131,10 +127,5 @@ def report_task(planned: dict, config: ScaleConfig, output: str) -> dict:
     report_artifact("scale-rungs", report["rows"], "Ladder rungs: params, tokens, FLOPs, held-out bits/token")
     create_markdown_artifact(key="scale-report", markdown=markdown_report(report) + f"\nPlot: `{report['plot']}`\n",
                              description="Scaling laws of the ladder: diffusion vs AR")
-    png = Path(report["plot"]).read_bytes()
-    if len(png) <= MAX_INLINE_PNG:
-        url = "data:image/png;base64," + base64.b64encode(png).decode()
-    else:
-        url = Path(report["plot"]).resolve().as_uri()
-    create_image_artifact(image_url=url, key="scale-plot", description="L(C) fits with their points, DLM vs AR")
+    image_artifact("scale-plot", Path(report["plot"]), "L(C) fits with their points, DLM vs AR")
     return report

@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 
 from dlm_factory.catalog import Catalog, StorageError
 from dlm_factory.dlm.checkpoint.ensemble import read_spec, repin
+from dlm_factory.dlm.checkpoint.record import read_record
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.stages.ensemble import (
     EnsembleConfig,
@@ -61,6 +62,9 @@ def publish_ensemble_task(ensemble_dir: str, user: str, members: dict[str, str],
         staged = Path(tmp) / "ensemble"
         shutil.copytree(ensemble_dir, staged, ignore=shutil.ignore_patterns(".ensemble-local.json"))
         repin(staged, {m.name: m for m in pinned.members})
-        res = cat.publish(staged, ENSEMBLE_NAME, kind="ensemble", user=user, progress=False)
+        record = read_record(ensemble_dir)  # its user-data digest: what `retrain` compares with
+        data = {user: record.inputs["data"]} if record and "data" in record.inputs else {}
+        res = cat.publish(staged, ENSEMBLE_NAME, kind="ensemble", user=user, progress=False,
+                          lineage={"data_digests": data})
     get_run_logger().info("%s ensemble %s (%s)", "published" if res.created else "unchanged", res.ref, res.digest)
     return {"user": user, "ref": res.ref, "version": res.version, "digest": res.digest, "created": res.created}

@@ -27,7 +27,7 @@ def test_server_start_deploys_and_stop_ends_exactly_what_it_started(tmp_path):
         api = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
         listed = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "ls"], env=api,
                                 capture_output=True, text=True, timeout=120)
-        assert "specialize/local" in listed.stdout and "factory-demo/local" in listed.stdout
+        assert "specialize/local" in listed.stdout and "factory/local" in listed.stdout and "retrain/local" in listed.stdout
         again = subprocess.run([factory, "server", "start", "--port", port], env=env, capture_output=True, text=True,
                                timeout=120)
         assert again.returncode == 2 and "is running" in again.stderr
