@@ -1,18 +1,15 @@
 """Ensemble benchmark: general DLM + small user specialist (SSD-2) on the demo users, measured side by side.
 
-    .venv/bin/python bench/ensemble.py --threads 1                  # full run (defaults below)
-    .venv/bin/python bench/ensemble.py --threads 1 --smoke          # minutes: tiny models, two users
+    .venv/bin/python bench/ensemble.py --small-budget            # full run (builds, then measures)
+    .venv/bin/python bench/ensemble.py --small-budget --smoke    # minutes: smaller measurement budgets
 
-What it builds (cached in --work by stage keys, so a re-run measures only):
-- a general corpus: the stdlib train split *without* the demo users' packages, so the
-  general model never sees a user's data (the users' held-out files would otherwise be in
-  its training set);
-- the general AR model (bootstrap: tokenizer + Llama) and its DLM (convert);
-- a small AR model >= 10x smaller on the *same tokenizer*, trained on the same corpus with
-  the same steps, and its DLM (convert): the specialists' base;
-- per user, two specialists with the same data and budget: the small DLM fine-tuned with
-  the diffusion objective, and the small AR model fine-tuned with next-token loss, both on
-  the user's train split (full fine-tuning; QLoRA specialists plug in the same way).
+The models come from ``bench/user_models.py``, the same ones ``bench/specialize.py``
+measures (same flags, same cache): the general AR model and its DLM, trained on the stdlib
+*without* the demo users' packages (``GENERAL_TRAIN``); a small AR model >= 10x smaller on
+the same tokenizer and its DLM, the specialists' base; per user, the QLoRA specialist of
+``dlm.stages.specialize`` (4-bit NF4 base + LoRA, merged and stored 4-bit), as served.
+For the AR collaboration, per user an AR specialist: LoRA with the same rank, steps,
+learning rate and batch on the small AR model, next-token loss, the same train split.
 
 What it measures, in one run:
 1. Per user, ``build_ensemble``: lambda and the form swept on the validation windows
@@ -24,7 +21,7 @@ What it measures, in one run:
    own general member.
 3. Overhead: sampling time of the ensemble / the general model alone, same prompts and
    sampler settings (threshold + dual cache, fixed length, no early stop), contenders
-   interleaved and the order rotated.
+   interleaved and the order rotated; and where one cached step's time goes.
 4. Router: accuracy of prefix-ELBO routing (M = 32) on held-out requests of the demo users,
    and its cost per request beside the generation time per request.
 
@@ -42,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from user_models import add_arguments, build, say
 
 from dlm_factory.digest import tokenizer_digest
 from dlm_factory.dlm import runtime
@@ -51,111 +49,48 @@ from dlm_factory.dlm.data.corpus import (
     Blocks,
     code_prompts,
     rolling_windows,
-    stdlib_documents,
     tokenize_blocks,
 )
 from dlm_factory.dlm.data.users import (
     DEMO_USERS,
     user_data_digest,
     user_documents,
-    write_demo_users,
 )
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
-from dlm_factory.dlm.diffusion.ensemble import EMULATED_FINETUNING, EnsembleDenoiser, form_weights
-from dlm_factory.dlm.diffusion.objective import ar_loss, diffusion_loss
+from dlm_factory.dlm.diffusion.ensemble import FORM_SHORT, FORMS, EnsembleDenoiser, form_weights
+from dlm_factory.dlm.diffusion.objective import ar_loss
 from dlm_factory.dlm.evaluation.gate import GateConfig
 from dlm_factory.dlm.evaluation.likelihood import ar_combined_nll
 from dlm_factory.dlm.evaluation.router import RouterConfig, prefix_requests, routing_accuracy
 from dlm_factory.dlm.sampling.generate import encode_prompts
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
-from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap, bootstrap_key
-from dlm_factory.dlm.stages.convert import ConvertConfig, convert, convert_key
 from dlm_factory.dlm.stages.ensemble import EnsembleConfig, build_ensemble, split_windows
-from dlm_factory.dlm.train.config import TrainConfig
 from dlm_factory.dlm.train.loop import train
 from dlm_factory.home import factory_home
 
-log_lines: list[str] = []
-
-
-def say(msg: str) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    log_lines.append(line)
-    print(line, file=sys.stderr, flush=True)
-
-
 # --- building the contenders -----------------------------------------------------------------
 
-def general_corpus(work: Path, max_chars: int) -> Path:
-    """The stdlib train split minus the demo users' packages, written as files (a data dir)."""
-    out = work / "corpus"
-    if (out / ".complete").is_file():
-        return out
-    skip = set(DEMO_USERS.values())  # every demo package, used or not
-    docs = [d for d in stdlib_documents("train", max_chars=max_chars * 2)
-            if d.name.split("/")[0].removesuffix(".py") not in skip]
-    size = 0
-    for d in docs:
-        if size >= max_chars:
-            break
-        path = out / d.name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(d.text, encoding="utf-8")
-        size += len(d.text)
-    (out / ".complete").write_text(f"{size}\n")
-    return out
+def ar_specialist(base_ar: Path, docs, out: Path, spec_cfg, data_digest: str) -> Path:
+    """The AR counterpart of a QLoRA specialist: LoRA (same rank, alpha, targets) on the small AR model with
+    next-token loss, the same steps, learning rate, batch and train split; merged and saved in full precision."""
+    from peft import LoraConfig, get_peft_model
 
-
-def small_ar(general_ar: Path, corpus: Path, out: Path, *, hidden: int, layers: int, heads: int, steps: int,
-             seq_len: int, lr: float) -> Path:
-    """A small Llama on the general model's tokenizer (tied embeddings), trained on the same corpus."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dlm_factory.dlm.data.corpus import read_documents, source_digest
-
-    cfg = {"hidden": hidden, "layers": layers, "heads": heads, "steps": steps, "seq_len": seq_len, "lr": lr}
-    key = StageKey(stage="bench-small-ar", inputs={"tokenizer_from": model_digest(general_ar),
-                                                    "data": source_digest(str(corpus))}, config=cfg)
+    q, tc = spec_cfg.qlora, spec_cfg.train
+    key = StageKey(stage="bench-ar-specialist", inputs={"base": model_digest(base_ar), "data": data_digest},
+                   config={"qlora": q.model_dump(), "train": tc.model_dump(), "seq_len": spec_cfg.seq_len})
     if is_done(out, key):
         return out
-    tok = load_model(general_ar).tokenizer
-    blocks = Blocks(tokenize_blocks(tok, read_documents(str(corpus)), seq_len))
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 8 * 8,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tok.eos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    tc = TrainConfig(steps=steps, batch_size=16, lr=lr, warmup_steps=max(1, steps // 10), log_every=50)
-    res = train(model, lambda step, m: blocks.batch(step, 16, 0), lambda mo, b, s, g: ar_loss(mo, b["input_ids"]),
-                tc, progress=False)
-    save_model(Loaded(model, tok, None), out, overwrite=True,
+    loaded = load_model(base_ar)
+    blocks = Blocks(tokenize_blocks(loaded.tokenizer, docs, spec_cfg.seq_len))
+    model = get_peft_model(loaded.model, LoraConfig(r=q.rank, lora_alpha=q.alpha, lora_dropout=q.dropout,
+                                                    target_modules=q.target_modules, bias="none"))
+    mb = tc.micro_batch()
+    res = train(model, lambda step, m: blocks.batch(step * tc.slots() + m, mb, tc.seed),
+                lambda mo, b, s, g: ar_loss(mo, b["input_ids"]), tc, progress=False)
+    merged = model.merge_and_unload().eval()
+    save_model(Loaded(merged, loaded.tokenizer, None), out, overwrite=True,
                record=new_record(key, runtime=runtime.current().describe(), result=res.summary()))
     return out
-
-
-def finetune(src: Path, docs, out: Path, *, steps: int, lr: float, seq_len: int, data_digest: str) -> tuple[Path, float]:
-    """Full fine-tuning of ``src`` on ``docs``: the diffusion objective for a DLM, next-token loss for an AR model.
-
-    Returns (dir, seconds trained; 0 when cached)."""
-    key = StageKey(stage="bench-finetune", inputs={"base": model_digest(src), "data": data_digest},
-                   config={"steps": steps, "lr": lr, "seq_len": seq_len})
-    if is_done(out, key):
-        return out, 0.0
-    loaded = load_model(src)
-    blocks = Blocks(tokenize_blocks(loaded.tokenizer, docs, seq_len))
-    spec = loaded.spec
-    if spec is not None:
-        def objective(model, batch, step, generator):
-            return diffusion_loss(model, spec, batch["input_ids"], generator=generator)
-    else:
-        def objective(model, batch, step, generator):
-            return ar_loss(model, batch["input_ids"])
-    tc = TrainConfig(steps=steps, batch_size=16, lr=lr, warmup_steps=max(1, steps // 10), log_every=50)
-    res = train(loaded.model, lambda step, m: blocks.batch(step, 16, 0), objective, tc, progress=False)
-    save_model(Loaded(loaded.model, loaded.tokenizer, spec), out, overwrite=True,
-               record=new_record(key, runtime=runtime.current().describe(), result=res.summary()))
-    return out, res.seconds
 
 
 def n_params(path: Path) -> int:
@@ -170,11 +105,11 @@ def ar_collaboration(general_ar: Path, spec_ar: Path, small_ar_dir: Path, valida
     models = {"general": load_model(general_ar).model, "specialist": load_model(spec_ar).model,
               "base": load_model(small_ar_dir).model}
     grid = {}
-    for form in ("product_of_experts", EMULATED_FINETUNING):
+    for form in FORMS:
         for lam in lambdas:
             wg, ws, wb = form_weights(form, lam)
             weights = {"general": wg, "specialist": ws} | ({"base": wb} if wb else {})
-            grid[f"{'poe' if wb == 0 else 'eft'}@{lam:g}"] = weights
+            grid[f"{FORM_SHORT[form]}@{lam:g}"] = weights
     val = ar_combined_nll(models, grid, validation.ids, attention_mask=validation.attention_mask, keep=validation.keep)
     best = min(grid, key=lambda k: val[k].bits_per_token)
     est = ar_combined_nll(models, {best: grid[best]}, test.ids, attention_mask=test.attention_mask, keep=test.keep)
@@ -200,10 +135,18 @@ def overhead(contenders: dict[str, object], prompt_ids, cfg: SamplerConfig, repe
             for n, s in seconds.items()}
 
 
-def step_overhead(general: Path, specialist, base, sizes: list[tuple[int, int, int]], *, batch: int, prompt: int,
+def dequantized(path: Path) -> ModelDenoiser:
+    """The specialist at ``path`` with its 4-bit linear layers dequantized to fp32: what the 4-bit CPU kernels cost."""
+    loaded = load_model(path)
+    model = loaded.model.dequantize() if getattr(loaded.model, "hf_quantizer", None) is not None else loaded.model
+    return ModelDenoiser(Loaded(model.float().eval(), loaded.tokenizer, loaded.spec, loaded.path))
+
+
+def step_overhead(general: Path, specialist, specialist_dir: Path, base, sizes: list[tuple[int, int, int]], *, batch: int, prompt: int,
                   length: int, reps: int) -> list[dict]:
     """Time of one cached denoising step (a 33-position window over the block KV cache) of the general
-    model alone vs the ensembles, for general models of several sizes with the same specialist.
+    model alone vs the ensembles, for general models of several sizes with the same specialist, and where
+    the time goes: the specialist alone (as served, 4-bit; and dequantized to fp32) and the combination.
 
     The trained general model is the first row; the others are random-weight Llamas of the given
     (hidden, layers, heads) on the same tokenizer and spec: a step's cost does not depend on the
@@ -227,23 +170,28 @@ def step_overhead(general: Path, specialist, base, sizes: list[tuple[int, int, i
     am = torch.ones_like(x)
     block = (prompt, prompt + min(32, length))
     spec_params = sum(p.numel() for p in specialist.model.parameters())
+    s32 = dequantized(specialist_dir)
     out = []
     for label, g in rows:
-        dens = {"general": g, "poe": EnsembleDenoiser.combine("poe", 1.0, g, specialist),
+        dens = {"general": g, "specialist": specialist, "specialist_fp32": s32,
+                "poe": EnsembleDenoiser.combine("poe", 1.0, g, specialist),
+                "poe_fp32": EnsembleDenoiser.combine("poe", 1.0, g, s32),
                 "eft": EnsembleDenoiser.combine("eft", 1.0, g, specialist, base)}
         caches = {n: d.block_cache(x, am, block)[1] for n, d in dens.items()}
         seconds = {n: 0.0 for n in dens}
+        names = list(dens)
         for r in range(reps):  # interleaved, order rotated
-            names = list(dens)[r % 3:] + list(dens)[: r % 3]
-            for n in names:
+            for n in names[r % len(names):] + names[: r % len(names)]:
                 start = time.perf_counter()
                 for _ in range(5):
                     dens[n].block_log_probs(caches[n], x, am)
                 seconds[n] += time.perf_counter() - start
         params = sum(p.numel() for p in g.model.parameters())
-        out.append({"general": label, "params": params, "size_ratio": params / spec_params,
-                    "step_ms": {n: 1000 * v / (5 * reps) for n, v in seconds.items()},
-                    "poe_ratio": seconds["poe"] / seconds["general"], "eft_ratio": seconds["eft"] / seconds["general"]})
+        ms = {n: 1000 * v / (5 * reps) for n, v in seconds.items()}
+        out.append({"general": label, "params": params, "size_ratio": params / spec_params, "step_ms": ms,
+                    "poe_ratio": seconds["poe"] / seconds["general"], "eft_ratio": seconds["eft"] / seconds["general"],
+                    "poe_fp32_ratio": seconds["poe_fp32"] / seconds["general"],
+                    "combine_ms": ms["poe"] - ms["general"] - ms["specialist"]})
     return out
 
 
@@ -263,22 +211,12 @@ def clean(obj):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", default=None, help="models and ensembles (default: $FACTORY_HOME/bench-ensemble)")
-    ap.add_argument("--users", default="email,asyncio,json,unittest", help="demo users (stdlib packages)")
+    add_arguments(ap)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/sampling.md)")
-    ap.add_argument("--smoke", action="store_true", help="tiny models and budgets: checks the bench runs")
-    ap.add_argument("--corpus-chars", type=int, default=3_000_000, help="general corpus size")
-    ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the general tokenizer")
-    ap.add_argument("--general", default="192,4,4", help="general model: hidden,layers,heads")
-    ap.add_argument("--small", default="48,2,2", help="small model (specialists' base): hidden,layers,heads")
-    ap.add_argument("--seq-len", type=int, default=128, help="training and evaluation window length")
-    ap.add_argument("--steps", type=int, default=300, help="AR pretraining steps (general and small)")
-    ap.add_argument("--convert-steps", type=int, default=150, help="conversion steps (general and small)")
-    ap.add_argument("--spec-steps", type=int, default=150, help="user fine-tuning steps (DLM and AR specialists alike)")
-    ap.add_argument("--spec-lr", type=float, default=2e-3, help="user fine-tuning learning rate")
+    ap.add_argument("--smoke", action="store_true", help="small measurement budgets and two users: checks the bench runs")
     ap.add_argument("--max-windows", type=int, default=48, help="held-out windows per user (half validation, half test)")
     ap.add_argument("--mc-samples", type=int, default=16, help="Monte Carlo samples per window for every ELBO")
-    ap.add_argument("--lambdas", default="0.125,0.25,0.5,0.75,1,1.5,2", help="lambda grid")
+    ap.add_argument("--lambdas", default="0.125,0.25,0.5,0.75,1,1.5,2,3,4,8", help="lambda grid")
     ap.add_argument("--gate-prompts", type=int, default=16, help="held-out prompts sampled by the gate")
     ap.add_argument("--length", type=int, default=64, help="response length of the gate and overhead samples")
     ap.add_argument("--overhead-repeats", type=int, default=3, help="rounds of the overhead timing")
@@ -287,63 +225,27 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the JSON report here too")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.corpus_chars, args.vocab, args.general, args.small = 400_000, 512, "64,2,2", "16,1,1"
-        args.seq_len, args.steps, args.convert_steps, args.spec_steps = 64, 30, 20, 15
         args.max_windows, args.mc_samples, args.gate_prompts, args.length = 8, 4, 2, 16
         args.overhead_repeats, args.router_requests = 1, 4
-        if args.users == "email,asyncio,json,unittest":
+        if args.users == ",".join(DEMO_USERS):
             args.users = "json,unittest"
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_start = time.perf_counter()
-    users = [u.strip() for u in args.users.split(",") if u.strip()]
     lambdas = [float(x) for x in args.lambdas.split(",")]
-    work = Path(args.work) if args.work else factory_home() / "bench-ensemble"
-    work.mkdir(parents=True, exist_ok=True)
-    home = work / "home"
-    write_demo_users(home, {u: DEMO_USERS[u] for u in users})
-    root = str(home)
-    gh, gl, gn = (int(x) for x in args.general.split(","))
-    sh, sl, sn = (int(x) for x in args.small.split(","))
 
-    # Build (cached by stage keys)
-    t_build = time.perf_counter()
-    corpus = general_corpus(work, args.corpus_chars)
-    bcfg = BootstrapConfig(data=str(corpus), max_chars=args.corpus_chars, vocab_size=args.vocab, hidden_size=gh,
-                           num_layers=gl, num_heads=gn, intermediate_size=int(gh * 8 / 3) // 8 * 8,
-                           seq_len=args.seq_len, train=TrainConfig(steps=args.steps, batch_size=16, lr=2e-3,
-                                                                    warmup_steps=max(1, args.steps // 10), log_every=50))
-    general_ar = work / "general-ar"
-    if not is_done(general_ar, bootstrap_key(bcfg)):
-        say(f"bootstrap general AR ({args.general}, {args.steps} steps)")
-        bootstrap(bcfg, general_ar, progress=False, overwrite=True)
-    ccfg = ConvertConfig(data=str(corpus), max_chars=args.corpus_chars, seq_len=args.seq_len,
-                         anneal_steps=max(1, args.convert_steps // 3),
-                         train=TrainConfig(steps=args.convert_steps, batch_size=16, lr=1e-3,
-                                           warmup_steps=max(1, args.convert_steps // 10), log_every=50))
-    general_dlm = work / "general-dlm"
-    if not is_done(general_dlm, convert_key(general_ar, ccfg)):
-        say("convert general")
-        convert(general_ar, general_dlm, ccfg, progress=False, overwrite=True)
-    say("small AR on the general tokenizer")
-    small_ar_dir = small_ar(general_ar, corpus, work / "small-ar", hidden=sh, layers=sl, heads=sn, steps=args.steps,
-                            seq_len=args.seq_len, lr=3e-3)
-    small_dlm = work / "small-dlm"
-    if not is_done(small_dlm, convert_key(small_ar_dir, ccfg)):
-        say("convert small")
-        convert(small_ar_dir, small_dlm, ccfg, progress=False, overwrite=True)
-    specs, spec_seconds = {}, {}
+    # Build (cached by stage keys; shared with bench/specialize.py)
+    m = build(args, default_work=factory_home() / "bench-users")
+    users, root, work = m.users, m.root, m.work
+    general_ar, general_dlm, small_ar_dir, small_dlm = m.general_ar, m.general, m.base_ar, m.base
+    seq_len = m.spec_config.seq_len
+    specs = {}
     for u in users:
-        docs = user_documents(root, u, "train")
-        digest = user_data_digest(root, u)
-        say(f"specialists for {u} ({len(docs)} train files)")
-        d, s1 = finetune(small_dlm, docs, work / f"spec-dlm-{u}", steps=args.spec_steps, lr=args.spec_lr,
-                         seq_len=args.seq_len, data_digest=digest)
-        a, s2 = finetune(small_ar_dir, docs, work / f"spec-ar-{u}", steps=args.spec_steps, lr=args.spec_lr,
-                         seq_len=args.seq_len, data_digest=digest)
-        specs[u] = (d, a)
-        spec_seconds[u] = {"dlm": s1, "ar": s2}
-    build_seconds = time.perf_counter() - t_build
+        say(f"AR specialist for {u}")
+        a = ar_specialist(small_ar_dir, user_documents(root, u, "train"), work / "ar-specialists" / u, m.spec_config,
+                          user_data_digest(root, u))
+        specs[u] = (m.specialists[u], a)
+    build_seconds = time.perf_counter() - t_start
     sizes = {"general": n_params(general_dlm), "specialist": n_params(small_dlm)}
     assert tokenizer_digest(load_model(general_dlm).tokenizer) == tokenizer_digest(load_model(small_dlm).tokenizer)
 
@@ -353,7 +255,7 @@ def main(argv=None) -> int:
     per_user = {}
     for u in users:
         say(f"ensemble for {u}")
-        cfg = EnsembleConfig(user=u, data_root=root, lambdas=lambdas, seq_len=args.seq_len, max_windows=args.max_windows,
+        cfg = EnsembleConfig(user=u, data_root=root, lambdas=lambdas, seq_len=seq_len, max_windows=args.max_windows,
                              mc_samples=args.mc_samples, judge=str(general_ar),
                              router=RouterConfig(prefix_tokens=args.prefix_tokens),
                              gate=GateConfig(prompts=args.gate_prompts, sampler=sampler))
@@ -369,7 +271,7 @@ def main(argv=None) -> int:
                                               "stderr": elbo[f"{sname}-ensemble"]["stderr"]}}
         say(f"AR collaboration for {u}")
         tok = load_model(general_ar).tokenizer
-        w = rolling_windows(tok, user_documents(root, u, "heldout"), args.seq_len, max_windows=args.max_windows)
+        w = rolling_windows(tok, user_documents(root, u, "heldout"), seq_len, max_windows=args.max_windows)
         validation, test = split_windows(w)
         ar = ar_collaboration(general_ar, specs[u][1], small_ar_dir, validation, test, lambdas)
         per_user[u] = {
@@ -395,13 +297,18 @@ def main(argv=None) -> int:
     prompt_ids = encode_prompts(g.tokenizer, prompts)
     lam0 = per_user[u0]["lambda"]
     ocfg = SamplerConfig(length=args.length, block_size=32, stop_at_eos=False)
-    contenders = {"general": g, "poe": EnsembleDenoiser.combine("poe", lam0, g, s),
-                  "eft": EnsembleDenoiser.combine("eft", lam0, g, s, b)}
+    form0 = per_user[u0]["form"]
+    chosen = f"{FORM_SHORT[form0]}@{lam0:g} (chosen)"
+    # the user's tuned ensemble, and the product and EFT at lambda 1 (a sharper product, e.g. lambda 3, lets
+    # the threshold sampler commit more tokens per step: faster than the general model, not a cost figure)
+    contenders = {"general": g, chosen: EnsembleDenoiser.combine(form0, lam0, g, s, b),
+                  "poe@1": EnsembleDenoiser.combine("poe", 1.0, g, s),
+                  "eft@1": EnsembleDenoiser.combine("eft", 1.0, g, s, b)}
     over = overhead(contenders, prompt_ids, ocfg, args.overhead_repeats)
     say("overhead per step vs general size")
-    steps = step_overhead(general_dlm, s, b, [] if args.smoke else [(384, 8, 6), (512, 12, 8)],
+    steps = step_overhead(general_dlm, s, specs[u0][0], b, [] if args.smoke else [(384, 8, 6), (512, 12, 8)],
                           batch=len(prompt_ids), prompt=40, length=args.length, reps=3 if args.smoke else 8)
-    over_llada = overhead({"general": g, "poe": contenders["poe"]}, prompt_ids,
+    over_llada = overhead({"general": g, chosen: contenders[chosen]}, prompt_ids,
                           SamplerConfig(sampler="llada", length=args.length, block_size=32, stop_at_eos=False),
                           max(1, args.overhead_repeats - 1))
 
@@ -413,9 +320,11 @@ def main(argv=None) -> int:
     requests = {u: prefix_requests(g.tokenizer, user_documents(root, u, "heldout"), args.router_requests, longest)
                 for u in users}
     routing = routing_accuracy(specialists, requests, rcfg)
-    routing_other = {m: routing_accuracy(specialists, requests, rcfg.model_copy(update={"prefix_tokens": m}))
+    routing_other = {f"M={m}": routing_accuracy(specialists, requests, rcfg.model_copy(update={"prefix_tokens": m}))
                      for m in (args.prefix_tokens // 2, longest)}
-    gen_per_request = over["poe"]["seconds"] / (args.overhead_repeats * len(prompt_ids))
+    routing_other |= {f"R={r}": routing_accuracy(specialists, requests, rcfg.model_copy(update={"mc_samples": r}))
+                      for r in (8, 128)}  # estimator noise: fewer / more draws at the same M
+    gen_per_request = over[chosen]["seconds"] / (args.overhead_repeats * len(prompt_ids))
     measure_seconds = time.perf_counter() - t_measure
 
     report = clean({
@@ -425,11 +334,12 @@ def main(argv=None) -> int:
         "per_user": per_user,
         "overhead": {"threshold_dual": over, "llada": over_llada, "per_step": steps, "user": u0,
                      "prompts": len(prompt_ids),
-                     "length": args.length, "lambda": lam0},
+                     "length": args.length, "lambda": lam0, "form": form0},
         "router": {"main": routing, "other": routing_other, "generation_seconds_per_request": gen_per_request,
                    "routing_over_generation": routing["seconds_per_request"] / gen_per_request},
         "seconds": {"build": build_seconds, "measure": measure_seconds, "total": time.perf_counter() - t_start,
-                    "specialist_training": spec_seconds},
+                    "built_now": m.seconds},
+        "specialize_config": m.spec_config.model_dump(), "load_average": [round(x, 2) for x in os.getloadavg()],
     })
     line = json.dumps(report)
     print(line)
@@ -450,7 +360,7 @@ def markdown(r: dict) -> str:
            "| user | general | specialist | ensemble (form, λ) | ens − general | ens − specialist | gate |",
            "|---|---:|---:|---|---:|---:|---|"]
     for u, p in r["per_user"].items():
-        form = "PoE" if p["form"] == "product_of_experts" else "EFT"
+        form = FORM_SHORT[p["form"]]
         out.append(f"| {u} | {pm(p['general'])} | {pm(p['specialist'])} | {pm(p['ensemble'])} ({form}, {p['lambda']:g}) | "
                    f"{pm(p['ensemble_minus_general'])} | {pm(p['ensemble_minus_specialist'])} | "
                    f"{'pass' if p['gate_passed'] else 'FAIL: ' + ', '.join(k for k, v in p['gate_checks'].items() if not v)} |")
@@ -464,25 +374,27 @@ def markdown(r: dict) -> str:
                    f"{a['ensemble']['bits_per_token']:.3f} ({a['choice']}) | {a['specialist']['bits_per_token']:.3f} | "
                    f"{100 * p['relative_gain_ar']:.1f}% |")
     o = r["overhead"]
-    out += ["", f"Sampling overhead (user {o['user']}, {o['prompts']} prompts x {o['length']} tokens, λ = {o['lambda']:g}):", "",
+    out += ["", f"Sampling overhead (user {o['user']}, {o['prompts']} prompts x {o['length']} tokens, chosen {o['form']} at λ = {o['lambda']:g}):", "",
             "| sampler | contender | seconds | tokens/s | time vs general |", "|---|---|---:|---:|---:|"]
     for sampler, rows in (("threshold, dual cache", o["threshold_dual"]), ("llada (steps = length)", o["llada"])):
         for name, v in rows.items():
             out.append(f"| {sampler} | {name} | {v['seconds']:.1f} | {v['tokens_per_s']:.1f} | {v['ratio_vs_general']:.3f}x |")
     out += ["", "One cached denoising step (33-position window, same batch), general alone vs ensemble, by general size:", "",
-            "| general | parameters | size ratio | general ms | PoE ms | EFT ms | PoE / general | EFT / general |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "| general | parameters | size ratio | general ms | specialist ms (4-bit / fp32) | PoE ms | combine ms | "
+            "EFT ms | PoE / general | PoE fp32 / general | EFT / general |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in o["per_step"]:
         ms = x["step_ms"]
-        out.append(f"| {x['general']} | {x['params']:,} | {x['size_ratio']:.0f}x | {ms['general']:.1f} | {ms['poe']:.1f} | "
-                   f"{ms['eft']:.1f} | {x['poe_ratio']:.3f}x | {x['eft_ratio']:.3f}x |")
+        out.append(f"| {x['general']} | {x['params']:,} | {x['size_ratio']:.0f}x | {ms['general']:.2f} | "
+                   f"{ms['specialist']:.2f} / {ms['specialist_fp32']:.2f} | {ms['poe']:.2f} | {x['combine_ms']:.2f} | "
+                   f"{ms['eft']:.2f} | {x['poe_ratio']:.3f}x | {x['poe_fp32_ratio']:.3f}x | {x['eft_ratio']:.3f}x |")
     rt = r["router"]
     out += ["", "Router (prefix ELBO of each specialist, held-out requests):", "",
-            "| M | requests | accuracy | per user | seconds / request | routing / generation time |",
-            "|---:|---:|---:|---|---:|---:|"]
-    for x in sorted([rt["main"], *rt["other"].values()], key=lambda x: x["prefix_tokens"]):
+            "| M | draws | requests | accuracy | per user | seconds / request | routing / generation time |",
+            "|---:|---:|---:|---:|---|---:|---:|"]
+    for x in sorted([rt["main"], *rt["other"].values()], key=lambda x: (x["prefix_tokens"], x["mc_samples"])):
         per = ", ".join(f"{u} {v:.2f}" for u, v in x["per_user"].items())
-        out.append(f"| {x['prefix_tokens']} | {x['requests']} | {x['accuracy']:.3f} ± {x['stderr']:.3f} | {per} | "
+        out.append(f"| {x['prefix_tokens']} | {x['mc_samples']} | {x['requests']} | {x['accuracy']:.3f} ± {x['stderr']:.3f} | {per} | "
                    f"{x['seconds_per_request']:.4f} | {x['seconds_per_request'] / rt['generation_seconds_per_request']:.3f} |")
     return "\n".join(out)
 

@@ -13,20 +13,11 @@ from prefect import flow, get_run_logger
 
 from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
 from dlm_factory.dlm.stages.convert import ConvertConfig
-from dlm_factory.dlm.stages.specialize import SpecializeConfig
-from dlm_factory.dlm.train.config import TrainConfig
+from dlm_factory.dlm.stages.specialize import SPECIALIST_BASE, SPECIALIST_CONVERT, SpecializeConfig
 from dlm_factory.flows.naming import run_name
 from dlm_factory.home import factory_home
 from dlm_factory.tasks.models import bootstrap_task, convert_task, report_artifact
 from dlm_factory.tasks.specialize import list_users_task, specialize_task
-
-# The demo's specialist base: ~15x fewer parameters than the stdlib general model (tied embeddings).
-# Widths are multiples of 64: bitsandbytes' CPU 4-bit kernels work on blocks of 64 ("N must be divisible by block_n").
-SPECIALIST_BASE = BootstrapConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192,
-                                  tie_embeddings=True, max_chars=2_000_000,
-                                  train=TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup_steps=20))
-SPECIALIST_CONVERT = ConvertConfig(max_chars=1_000_000, anneal_steps=50,
-                                   train=TrainConfig(steps=150, batch_size=16, lr=2e-3, warmup_steps=10))
 
 
 @flow(name="specialize", log_prints=True, flow_run_name=run_name("specialize", base="general", users="users"))

@@ -28,7 +28,8 @@ def tiny_bootstrap_config():
     from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
     from dlm_factory.dlm.train.config import TrainConfig
 
-    return BootstrapConfig(max_chars=300_000, vocab_size=512, hidden_size=64, num_layers=2, num_heads=2,
+    # data given explicitly (the default now leaves out the demo users' packages): the golden values stay put
+    return BootstrapConfig(data="stdlib:train", max_chars=300_000, vocab_size=512, hidden_size=64, num_layers=2, num_heads=2,
                            intermediate_size=128, seq_len=TINY_SEQ, max_positions=256,
                            train=TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=5, log_every=10))
 
@@ -37,7 +38,7 @@ def tiny_convert_config(**overrides):
     from dlm_factory.dlm.stages.convert import ConvertConfig
     from dlm_factory.dlm.train.config import TrainConfig
 
-    values = dict(max_chars=200_000, seq_len=TINY_SEQ, anneal_steps=10,
+    values = dict(data="stdlib:train", max_chars=200_000, seq_len=TINY_SEQ, anneal_steps=10,
                   train=TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=2))
     values.update(overrides)
     return ConvertConfig(**values)

@@ -1,8 +1,10 @@
 """Text corpora and token blocks.
 
-A data source is either ``stdlib[:train|heldout|all]`` (the running interpreter's
-standard-library source: the embedded default corpus, split deterministically by
-file) or a local path / fsspec URL to a text file, a ``.jsonl`` file with a
+A data source is either ``stdlib[:train|heldout|all][:exclude=pkg,...]`` (the running
+interpreter's standard-library source: the embedded default corpus, split
+deterministically by file, optionally without some top-level packages: the general
+model's defaults leave out the demo users' packages, see ``dlm.data.users``) or a local
+path / fsspec URL to a text file, a ``.jsonl`` file with a
 ``"text"`` field per line, or a directory of ``*.py``, ``*.txt``, ``*.md`` files.
 
 Batches are a pure function of (seed, step), so a resumed run sees exactly the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +50,58 @@ def heldout(name: str, fraction: float) -> bool:
     return bucket < fraction
 
 
+@dataclass(frozen=True)
+class StdlibSource:
+    """A parsed ``stdlib[:split][:exclude=pkg,...]`` source."""
+
+    split: str = "train"
+    exclude: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        """The canonical spelling (packages sorted): equal sources, equal strings, equal stage keys."""
+        return f"stdlib:{self.split}" + (f":exclude={','.join(self.exclude)}" if self.exclude else "")
+
+
+_PACKAGE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def stdlib_source(split: str = "train", exclude=()) -> str:
+    """The source string of the stdlib ``split`` without the top-level packages ``exclude``."""
+    return str(parse_stdlib(f"stdlib:{split}" + (f":exclude={','.join(exclude)}" if exclude else "")))
+
+
+def parse_stdlib(src: str) -> StdlibSource:
+    """``stdlib``, ``stdlib:heldout``, ``stdlib:train:exclude=asyncio,json``: one FactoryError line otherwise."""
+    if not is_stdlib(src):
+        raise FactoryError(f"{src!r} is not a stdlib source")
+    parts = src.split(":")[1:]
+    split = "train"
+    if parts and not parts[0].startswith("exclude="):
+        split = parts.pop(0)
+    if split not in {"train", "heldout", "all"}:
+        raise FactoryError(f"unknown stdlib split '{split}' (train, heldout or all)")
+    exclude: set[str] = set()
+    for part in parts:
+        names = part.removeprefix("exclude=").split(",") if part.startswith("exclude=") else None
+        if names is None or not all(_PACKAGE.fullmatch(n) for n in names):
+            raise FactoryError(f"{src!r}: expected stdlib[:train|heldout|all][:exclude=package,...] "
+                               "(top-level package names, comma-separated)")
+        exclude.update(names)
+    return StdlibSource(split, tuple(sorted(exclude)))
+
+
+def top_package(name: str) -> str:
+    """The top-level module or package of a stdlib document name (``asyncio/tasks.py`` -> ``asyncio``)."""
+    return name.split("/", 1)[0].removesuffix(".py")
+
+
 def stdlib_documents(split: str = "train", *, heldout_fraction: float = 0.05,
-                     packages: list[str] | None = None, max_chars: int | None = None) -> list[Document]:
+                     packages: list[str] | None = None, exclude=(), max_chars: int | None = None) -> list[Document]:
     """The interpreter's stdlib ``*.py`` files (tests, vendored and generated code skipped).
 
-    ``packages`` restricts to top-level modules/packages (e.g. ``["email", "json"]``).
-    ``max_chars`` caps the corpus with a deterministic, evenly spread subset.
+    ``packages`` restricts to top-level modules/packages (e.g. ``["email", "json"]``);
+    ``exclude`` leaves some out. ``max_chars`` caps the corpus with a deterministic,
+    evenly spread subset (taken after the exclusion).
     """
     if split not in {"train", "heldout", "all"}:
         raise FactoryError(f"unknown stdlib split '{split}' (train, heldout or all)")
@@ -62,7 +111,8 @@ def stdlib_documents(split: str = "train", *, heldout_fraction: float = 0.05,
         rel = path.relative_to(root)
         if any(part in _STDLIB_SKIP or part.startswith("config-") for part in rel.parts):
             continue
-        if packages is not None and rel.parts[0].removesuffix(".py") not in packages:
+        package = top_package(rel.as_posix())
+        if (packages is not None and package not in packages) or package in exclude:
             continue
         name = rel.as_posix()
         if split != "all" and heldout(name, heldout_fraction) != (split == "heldout"):
@@ -86,10 +136,10 @@ def stdlib_documents(split: str = "train", *, heldout_fraction: float = 0.05,
 
 
 def read_documents(src: str, *, heldout_fraction: float = 0.05, max_chars: int | None = None) -> list[Document]:
-    """Load a corpus from ``stdlib[:split]``, a path or a URL. Raises FactoryError on empty or non-UTF-8 data."""
+    """Load a corpus from ``stdlib[:split][:exclude=...]``, a path or a URL. Raises FactoryError on empty or non-UTF-8 data."""
     if is_stdlib(src):
-        split = src.partition(":")[2] or "train"
-        docs = stdlib_documents(split, heldout_fraction=heldout_fraction, max_chars=max_chars)
+        s = parse_stdlib(src)
+        docs = stdlib_documents(s.split, heldout_fraction=heldout_fraction, exclude=s.exclude, max_chars=max_chars)
     else:
         root = materialize(src, patterns=DATA_PATTERNS)
         files = [root] if root.is_file() else sorted(
@@ -104,7 +154,7 @@ def read_documents(src: str, *, heldout_fraction: float = 0.05, max_chars: int |
 
 
 def is_stdlib(src: str) -> bool:
-    """Whether ``src`` names the embedded corpus (``stdlib`` or ``stdlib:<split>``)."""
+    """Whether ``src`` names the embedded corpus (``stdlib`` or ``stdlib:<split>[:exclude=...]``)."""
     return src == "stdlib" or src.startswith("stdlib:")
 
 
@@ -118,8 +168,10 @@ def documents_digest(docs: list[Document]) -> str:
 
 def source_digest(src: str) -> str:
     """A data source's content as a stage input: the whole stdlib corpus of this interpreter, or the
-    bytes of the text/JSONL files under a path or URL. Splits and caps are part of the stage's config."""
+    bytes of the text/JSONL files under a path or URL. Splits, exclusions and caps are part of the stage's
+    config (the source string itself), so the digest is checked even for packages left out."""
     if is_stdlib(src):
+        parse_stdlib(src)
         return documents_digest(stdlib_documents("all"))
     return dir_digest(materialize(src, patterns=DATA_PATTERNS), DATA_PATTERNS)
 

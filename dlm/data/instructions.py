@@ -31,7 +31,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlm_factory.dlm.data.corpus import Document, heldout, stdlib_documents
+from dlm_factory.dlm.data.corpus import (
+    Document,
+    heldout,
+    is_stdlib,
+    parse_stdlib,
+    stdlib_documents,
+    stdlib_source,
+    top_package,
+)
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import materialize
 
@@ -92,9 +100,10 @@ class DataReport:
 def load_examples(src: str, *, heldout_fraction: float = 0.05, max_bad_fraction: float = 0.05,
                   max_doc_chars: int = 300) -> tuple[list[Example], DataReport]:
     """Examples from ``stdlib[:split]`` or a JSONL path/URL (see the module docstring)."""
-    if src == "stdlib" or src.startswith("stdlib:"):
-        split = src.partition(":")[2] or "train"
-        return stdlib_instructions(split, heldout_fraction=heldout_fraction, max_doc_chars=max_doc_chars)
+    if is_stdlib(src):
+        s = parse_stdlib(src)
+        return stdlib_instructions(s.split, heldout_fraction=heldout_fraction, max_doc_chars=max_doc_chars,
+                                   exclude=s.exclude)
     return read_jsonl(src, max_bad_fraction=max_bad_fraction)
 
 
@@ -236,7 +245,7 @@ def _function_example(node, lines: list[str], prefix: str, module: str, max_doc_
 
 
 def stdlib_instructions(split: str = "train", *, heldout_fraction: float = 0.05,
-                        max_doc_chars: int = 300) -> tuple[list[Example], DataReport]:
+                        max_doc_chars: int = 300, exclude=()) -> tuple[list[Example], DataReport]:
     """The embedded instruction set from the interpreter's stdlib (see the module docstring).
 
     Deterministic: files in sorted order, split by file name with ``dlm.data.heldout``.
@@ -247,11 +256,12 @@ def stdlib_instructions(split: str = "train", *, heldout_fraction: float = 0.05,
         raise FactoryError(f"unknown stdlib split '{split}' (train, heldout or all)")
     parts = ("train", "heldout") if split == "all" else (split,)
     found = _stdlib_sets(heldout_fraction, max_doc_chars)
-    report = DataReport(source=f"stdlib:{split}")
+    report = DataReport(source=stdlib_source(split, exclude))
     kept: list[Example] = []
     for part in parts:
         examples, functions, duplicates = found[part]
-        kept.extend(Example([dict(m) for m in ex.messages], ex.response, ex.source) for ex in examples)
+        kept.extend(Example([dict(m) for m in ex.messages], ex.response, ex.source) for ex in examples
+                    if top_package(ex.source.rpartition(":")[0]) not in exclude)
         report.lines += functions
         report.duplicates += duplicates
     report.examples = len(kept)

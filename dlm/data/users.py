@@ -11,7 +11,11 @@ every re-run, and a digest over the user's documents (names and contents) tells
 whether the user's data changed since the last specialist.
 
 The embedded demo has users whose data is one standard-library package each
-(``write_demo_users``): ``email``, ``asyncio``, ``json``, ``unittest``.
+(``write_demo_users``): ``email``, ``asyncio``, ``json``, ``unittest``. The general
+model and the specialist base must not have seen a user's data, or a specialist has
+nothing left to learn (and the held-out figures measure memory): their embedded
+defaults train on ``GENERAL_TRAIN``, the stdlib train split without the demo
+packages, and evaluate on ``GENERAL_HELDOUT``.
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ from dlm_factory.dlm.data.corpus import (
     heldout,
     read_documents,
     stdlib_documents,
+    stdlib_source,
 )
 from dlm_factory.dlm.errors import FactoryError
 
 USER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 DEMO_USERS = {"email": "email", "asyncio": "asyncio", "json": "json", "unittest": "unittest"}  # user -> package
+# The general corpus of the embedded defaults: the stdlib without any demo user's package.
+GENERAL_TRAIN = stdlib_source("train", exclude=DEMO_USERS.values())  # stdlib:train:exclude=asyncio,email,json,unittest
+GENERAL_HELDOUT = stdlib_source("heldout", exclude=DEMO_USERS.values())
 HELDOUT_FRACTION = 0.2  # a user's held-out share (more than the corpus's 0.05: users have few documents)
 MAX_USER_CHARS = 20_000_000  # a user's data above this is refused (a specialist is small; so is its data)
 

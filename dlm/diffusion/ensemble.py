@@ -6,9 +6,15 @@ masked sequence, and the predictions are combined in log space, then renormalise
 
 - product of experts: ``log p_g + lambda * log p_s``;
 - emulated fine-tuning (EFT, Mitchell et al. 2023): ``log p_g + lambda * (log p_s_tuned -
-  log p_s_base)``: the large model plus the *change* that tuning made to the small one.
+  log p_s_base)``: the large model plus the *change* that tuning made to the small one;
+- logarithmic pool: ``(log p_g + lambda * log p_s) / (1 + lambda)``, the product of experts
+  at temperature ``1 + lambda``: a weighted geometric mean that runs from the general
+  model (lambda = 0) to the specialist (lambda -> inf). Where the specialist alone beats
+  the general model (a small general model, or a user far from its data), the unnormalised
+  product and EFT stay overconfident and can lose to the specialist; the pool cannot lose
+  to both members at its best lambda by more than the grid's resolution.
 
-Both are one weighted sum ``sum_i w_i log p_i`` followed by ``log_softmax``, so an
+All are one weighted sum ``sum_i w_i log p_i`` followed by ``log_softmax``, so an
 ensemble is a list of (member denoiser, weight). It is one more ``Denoiser``: every
 sampler and the ELBO estimator work unchanged (an ensemble's ELBO uses the combined
 distribution). Each member's shift is handled by its own denoiser, so the log-probs are
@@ -36,8 +42,10 @@ from dlm_factory.dlm.errors import FactoryError
 
 PRODUCT_OF_EXPERTS = "product_of_experts"
 EMULATED_FINETUNING = "emulated_finetuning"
-FORMS = (PRODUCT_OF_EXPERTS, EMULATED_FINETUNING)
-FORM_ALIASES = {"poe": PRODUCT_OF_EXPERTS, "eft": EMULATED_FINETUNING}
+LOGARITHMIC_POOL = "logarithmic_pool"
+FORMS = (PRODUCT_OF_EXPERTS, EMULATED_FINETUNING, LOGARITHMIC_POOL)
+FORM_ALIASES = {"poe": PRODUCT_OF_EXPERTS, "eft": EMULATED_FINETUNING, "pool": LOGARITHMIC_POOL}
+FORM_SHORT = {v: k for k, v in FORM_ALIASES.items()}
 # lambda beyond this makes the small model dominate a model ~10-100x larger; SSD-2 and EFT
 # tune it in [0, 2]. Values outside [0, LAMBDA_MAX] are refused as bad input.
 LAMBDA_MAX = 8.0
@@ -48,7 +56,7 @@ def check_form(form: str) -> str:
     """The canonical form name (``poe``/``eft`` accepted), else one FactoryError line."""
     canonical = FORM_ALIASES.get(form, form)
     if canonical not in FORMS:
-        raise FactoryError(f"unknown ensemble form {form!r}: expected {', '.join(FORMS)} (or poe, eft)")
+        raise FactoryError(f"unknown ensemble form {form!r}: expected {', '.join(FORMS)} (or poe, eft, pool)")
     return canonical
 
 
@@ -66,6 +74,8 @@ def check_lambda(lam) -> float:
 def form_weights(form: str, lam: float) -> tuple[float, float, float]:
     """Weights of (general, specialist, specialist's base) in the log-space sum."""
     form, lam = check_form(form), check_lambda(lam)
+    if form == LOGARITHMIC_POOL:
+        return (1.0 / (1.0 + lam), lam / (1.0 + lam), 0.0)
     return (1.0, lam, -lam) if form == EMULATED_FINETUNING else (1.0, lam, 0.0)
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from dlm_factory.dlm.checkpoint.io import Loaded, load_model
 from dlm_factory.dlm.data.corpus import Windows, read_documents, rolling_windows
+from dlm_factory.dlm.data.users import GENERAL_HELDOUT
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.evaluation.likelihood import ar_nll, elbo
 
@@ -21,7 +22,7 @@ from dlm_factory.dlm.evaluation.likelihood import ar_nll, elbo
 class EvalConfig(BaseModel):
     """Settings of ``factory eval``."""
 
-    data: str = Field("stdlib:heldout", description="evaluation corpus (held-out stdlib split by default)")
+    data: str = Field(GENERAL_HELDOUT, description="evaluation corpus (default: the held-out stdlib split without the demo users' packages)")
     seq_len: int = Field(128, ge=2, description="window length in tokens (start token included)")
     stride: int | None = Field(None, gt=0, description="tokens scored per window after a document's first (None: half a window; the rest is carried context)")
     max_windows: int = Field(32, gt=0, description="windows evaluated (documents in order, whole until the cap)")

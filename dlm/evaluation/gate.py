@@ -10,7 +10,9 @@ Two kinds of checks, on the user's held-out (test) windows and prompts:
    independent draws per stratum), not the choice of documents.
 2. Samples: with the same prompts and sampler settings, the ensemble's samples must not
    be worse than the general model's: judge NLL at most ``(1 + judge_tolerance)`` times
-   the general's, parse rate at most ``parse_tolerance`` below it. The judge is an AR
+   the general's, parse rate at most ``parse_tolerance`` below it, and no more blank
+   responses than the general model's plus ``blank_tolerance`` (a blank continuation has a
+   low judge NLL and "parses" whenever the prompt does: both checks pass it). The judge is an AR
    checkpoint that is not a contender (default: the general model's AR root, which if
    anything favours the general model).
 
@@ -47,6 +49,7 @@ class GateConfig(BaseModel):
     z: float = Field(2.0, ge=0.0, description="standard errors of the paired difference required beyond the margin (2: ~97.7% one-sided)")
     judge_tolerance: float = Field(0.02, ge=0.0, description="tolerated relative increase of the samples' judge NLL over the general model's")
     parse_tolerance: float = Field(0.0, ge=0.0, le=1.0, description="tolerated absolute drop of the samples' parse rate below the general model's")
+    blank_tolerance: float = Field(0.0, ge=0.0, le=1.0, description="tolerated absolute rise of the share of blank responses over the general model's")
     prompts: int = Field(16, ge=0, description="held-out prompts sampled by the ensemble and the general model (0: skip the sample checks)")
     prompt_lines: int = Field(3, ge=1, description="lines of each held-out definition used as a prompt")
     sampler: SamplerConfig = Field(default_factory=_default_sampler, description="sampler settings shared by both contenders")
@@ -97,7 +100,7 @@ def elbo_checks(estimates: dict, members: list[str], cfg: GateConfig) -> list[Ch
 
 
 def quality_checks(quality: dict, cfg: GateConfig) -> list[Check]:
-    """The ensemble's samples against the general model's: judge NLL and parse rate."""
+    """The ensemble's samples against the general model's: judge NLL, parse rate, blank responses."""
     ens, gen = quality["ensemble"], quality["general"]
     limit = gen["judge_nll"] * (1 + cfg.judge_tolerance)
     judge_ok = math.isfinite(ens["judge_nll"]) and ens["judge_nll"] <= limit
@@ -109,6 +112,10 @@ def quality_checks(quality: dict, cfg: GateConfig) -> list[Check]:
         Check(name="parse_rate_not_worse", passed=ens["parse_rate"] >= floor - 1e-12, value=ens["parse_rate"],
               threshold=floor, detail=f"ensemble {ens['parse_rate']:.3f} vs general {gen['parse_rate']:.3f} "
                                       f"(tolerance {cfg.parse_tolerance:g})"),
+        Check(name="blank_rate_not_worse", passed=ens["blank_rate"] <= gen["blank_rate"] + cfg.blank_tolerance + 1e-12,
+              value=ens["blank_rate"], threshold=gen["blank_rate"] + cfg.blank_tolerance,
+              detail=f"blank responses: ensemble {ens['blank_rate']:.3f} vs general {gen['blank_rate']:.3f} "
+                     f"(tolerance {cfg.blank_tolerance:g})"),
     ]
 
 
@@ -126,7 +133,7 @@ def sample_quality(denoisers: dict[str, object], prompt_texts: list[str], tokeni
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
         out[name] = {"judge_nll": judge_nll(judge, prompt_ids, ids), "parse_rate": parse_rate(
             [p + t for p, t in zip(prompt_texts, texts, strict=True)]), "seconds": seconds,
-            "blank_rate": sum(not t.strip() for t in texts) / len(texts),  # informative: blanks score well on both
+            "blank_rate": sum(not t.strip() for t in texts) / len(texts),  # blanks score well on both of the above
             "examples": texts[:2]}
     return out
 

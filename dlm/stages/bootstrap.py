@@ -18,6 +18,7 @@ from dlm_factory.dlm import runtime
 from dlm_factory.dlm.checkpoint.io import Loaded, save_model
 from dlm_factory.dlm.checkpoint.record import StageKey, check_output, new_record
 from dlm_factory.dlm.data.corpus import Blocks, read_documents, source_digest, tokenize_blocks
+from dlm_factory.dlm.data.users import GENERAL_TRAIN
 from dlm_factory.dlm.diffusion.objective import ar_loss
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import materialize
@@ -33,7 +34,7 @@ RESERVED = [f"<|reserved_{i}|>" for i in range(4)]
 class BootstrapConfig(BaseModel):
     """Size and training budget of the bootstrap AR model (defaults: the embedded demo)."""
 
-    data: str = Field("stdlib:train", description="corpus for the tokenizer and the model")
+    data: str = Field(GENERAL_TRAIN, description="corpus for the tokenizer and the model (default: the stdlib train split without the demo users' packages)")
     max_chars: int = Field(6_000_000, gt=0, description="corpus cap in characters (deterministic subset)")
     vocab_size: int = Field(4096, ge=300, description="BPE vocabulary size, special tokens included")
     hidden_size: int = Field(256, gt=0, description="model width")

@@ -28,6 +28,7 @@ from dlm_factory.dlm.checkpoint.record import (
 from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
 from dlm_factory.dlm.checkpoint.vocab import grow_embeddings, unused_special_tokens
 from dlm_factory.dlm.data.corpus import Blocks, read_documents, source_digest, tokenize_blocks
+from dlm_factory.dlm.data.users import GENERAL_TRAIN
 from dlm_factory.dlm.diffusion.objective import diffusion_loss
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import materialize
@@ -38,7 +39,7 @@ from dlm_factory.dlm.train.loop import train
 class ConvertConfig(BaseModel):
     """Settings of the AR -> diffusion conversion (defaults: the embedded demo)."""
 
-    data: str = Field("stdlib:train", description="adaptation corpus (stdlib[:split], path or URL)")
+    data: str = Field(GENERAL_TRAIN, description="adaptation corpus (stdlib[:split][:exclude=...], path or URL; default: the stdlib train split without the demo users' packages)")
     max_chars: int = Field(2_000_000, gt=0, description="corpus cap in characters")
     seq_len: int = Field(128, ge=8, description="training sequence length")
     shift: bool = Field(True, description="DiffuLLaMA shift: logits at i predict token i+1")

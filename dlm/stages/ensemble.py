@@ -55,6 +55,7 @@ from dlm_factory.dlm.data.users import check_user_id, user_data_digest, user_doc
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.diffusion.ensemble import (
     EMULATED_FINETUNING,
+    FORM_SHORT,
     FORMS,
     EnsembleDenoiser,
     LastCall,
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 TUNING_FILE = "tuning.json"
 EVAL_FILE = "eval_results.json"
 # SSD-2 and EFT tune lambda in [0, 2]; a coarse log-spaced grid covers it with 7 points.
-DEFAULT_LAMBDAS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+DEFAULT_LAMBDAS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)  # the pool needs the upper end
 
 
 class EnsembleConfig(BaseModel):
@@ -152,7 +153,7 @@ def heldout_windows(tokenizer, cfg: EnsembleConfig, max_positions: int | None) -
 
 
 def candidate_name(form: str, lam: float) -> str:
-    return f"{'poe' if form != EMULATED_FINETUNING else 'eft'}@{lam:g}"
+    return f"{FORM_SHORT[check_form(form)]}@{lam:g}"
 
 
 def sweep(general, specialist, windows: Windows, *, base=None, forms=FORMS, lambdas=DEFAULT_LAMBDAS,

@@ -52,6 +52,8 @@ from dlm_factory.dlm.diffusion.objective import diffusion_loss
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.evaluation.likelihood import paired_elbo
 from dlm_factory.dlm.paths import atomic_dir, materialize
+from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
+from dlm_factory.dlm.stages.convert import ConvertConfig
 from dlm_factory.dlm.train.config import TrainConfig, TrainResult
 from dlm_factory.dlm.train.loop import train
 from dlm_factory.dlm.train.qlora import (
@@ -67,14 +69,27 @@ from dlm_factory.dlm.train.qlora import (
 log = logging.getLogger(__name__)
 
 
+# The embedded demo's specialist base: ~15x fewer parameters than the stdlib general model (tied embeddings), trained on the same
+# corpus (GENERAL_TRAIN by default: without the demo users' packages) with the general model's tokenizer.
+# Widths are multiples of 64: bitsandbytes' CPU 4-bit kernels work on blocks of 64 ("N must be divisible by block_n").
+SPECIALIST_BASE = BootstrapConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192,
+                                  tie_embeddings=True, max_chars=2_000_000,
+                                  train=TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup_steps=20))
+SPECIALIST_CONVERT = ConvertConfig(max_chars=1_000_000, anneal_steps=50,
+                                   train=TrainConfig(steps=150, batch_size=16, lr=2e-3, warmup_steps=10))
+
+
 class SpecializeConfig(BaseModel):
-    """Settings of one user's specialist (defaults: the embedded demo, about a minute per user on CPU)."""
+    """Settings of one user's specialist (defaults: the embedded demo, under a minute per user on one CPU thread).
+
+    500 steps at lr 5e-3: chosen on the held-out ELBO of two demo users (asyncio, unittest) among
+    60-500 steps x lr 2e-3-1e-2 (docs/specialize.md); the other users' figures are untouched by it."""
 
     seq_len: int = Field(128, ge=8, description="training and evaluation window length")
     heldout_fraction: float = Field(HELDOUT_FRACTION, gt=0, lt=1, description="the user's documents held out, by name hash")
     qlora: QLoraConfig = Field(default_factory=QLoraConfig, description="4-bit base and LoRA adapters")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=60, batch_size=8, lr=2e-3, warmup_steps=5,
-                                                                   log_every=20),
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=500, batch_size=8, lr=5e-3, warmup_steps=20,
+                                                                   log_every=100),
                                description="optimisation settings")
     eval_windows: int = Field(16, gt=0, description="held-out windows for the ELBO figures")
     mc_samples: int = Field(16, ge=2, description="Monte Carlo samples of t for the ELBO figures")

@@ -77,7 +77,35 @@ def load_qlora(model: str | os.PathLike, cfg: QLoraConfig) -> Loaded:
         base = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
         peft_model = get_peft_model(base, lora)
     set_bidirectional(peft_model)
+    keep_trainable_layout(peft_model)
     return Loaded(peft_model, loaded.tokenizer, loaded.spec, loaded.path)
+
+
+def keep_trainable_layout(model) -> int:
+    """Keep every 4-bit layer of ``model`` on bitsandbytes' differentiable path; returns the layers seen.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit``'s weights into an
+    inference-only layout the first time the layer runs in eval mode without grad (any
+    evaluation, or our output-head check), and from then on every forward, in training too,
+    goes through ``gemv_4bit``, which has no backward: the gradient into the layer's input is
+    silently dropped ("an autograd kernel was not registered"), so the adapters of every
+    earlier layer get wrong gradients. Measured: 50-100% relative error on all but the last
+    layer's adapters of a 2-layer model (tests/dlm/test_specialize.py). Turning the repacking
+    off keeps training on ``MatMul4Bit`` (dequantize, matmul, exact backward); the served
+    specialist, loaded by ``load_model``, keeps the fast inference layout.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            w = module.weight
+            if getattr(w.quant_state, "packing_format_for_cpu", False):
+                w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+            n += 1
+    return n
 
 
 def save_adapter(peft_model, dest: Path) -> Path:

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "masked-diffusion loss. Writes an HF dir with diffusion.json.")
     p.add_argument("--base-model", required=True, help="AR checkpoint: dir, file:// or s3:// URL, or hub id")
     p.add_argument("--output", required=True, help="output dir (must not exist)")
-    p.add_argument("--data", help="adaptation corpus: stdlib[:split], a path or URL (default: stdlib:train)")
+    p.add_argument("--data", help="adaptation corpus: stdlib[:split], a path or URL (default: stdlib:train:exclude=<the demo users' packages>)")
     p.add_argument("--anneal-steps", type=int, help="causal -> bidirectional annealing steps (default: 100)")
     p.add_argument("--no-shift", action="store_true", help="predict token i at position i (ablation)")
     p.add_argument("--seq-len", type=int, help="training sequence length (default: 128)")
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="ELBO (diffusion) or exact NLL (AR) in bits/token; prints one JSON line")
     p.add_argument("--model", required=True, help="checkpoint dir or URL")
-    p.add_argument("--data", help="corpus (default: stdlib:heldout)")
+    p.add_argument("--data", help="corpus (default: stdlib:heldout:exclude=<the demo users' packages>)")
     p.add_argument("--mc-samples", type=int, help="Monte Carlo samples of t (default: 128)")
     p.add_argument("--max-windows", "--max-blocks", dest="max_windows", type=int,
                    help="windows evaluated, documents in order (default: 32)")

@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--user", required=True, help="user id: held-out data from <data-root>/users/<id>/data/")
     b.add_argument("--data-root", help="root holding users/<id>/data/ (default: $FACTORY_HOME)")
     b.add_argument("--output", required=True, help="ensemble dir to write (must not exist unless --overwrite)")
-    b.add_argument("--form", help="fix the form: product_of_experts (poe) or emulated_finetuning (eft); default: sweep")
+    b.add_argument("--form", help="fix the form: product_of_experts (poe), emulated_finetuning (eft) or logarithmic_pool (pool); default: sweep")
     b.add_argument("--lambda", dest="lam", type=float, help="fix lambda (0..8); default: sweep")
-    b.add_argument("--lambdas", type=_floats, help="lambda grid of the sweep (default: 0.125,0.25,0.5,0.75,1,1.5,2)")
+    b.add_argument("--lambdas", type=_floats, help="lambda grid of the sweep (default: 0.125,0.25,0.5,0.75,1,1.5,2,3,4,8)")
     b.add_argument("--context", help="private context text the specialist sees before every sequence")
     b.add_argument("--judge", help="AR checkpoint judging samples (default: the general model's AR root)")
     b.add_argument("--name", action="append", default=[], metavar="ROLE=NAME",

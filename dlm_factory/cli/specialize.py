@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--general", help="the general DLM the specialist will join: its tokenizer must match")
     p.add_argument("--rank", type=int, help="LoRA rank (default: 16)")
     p.add_argument("--seq-len", type=int, help="window length (default: 128)")
-    add_training(p, steps=60, batch_size=8, lr=2e-3)
+    add_training(p, steps=500, batch_size=8, lr=5e-3)  # SpecializeConfig's (not imported here: torch stays lazy)
     add_device(p)
     p.set_defaults(func=_specialize)
 

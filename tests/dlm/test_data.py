@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 
-from dlm_factory.dlm.data.corpus import Blocks, read_documents, stdlib_documents, tokenize_blocks
+from dlm_factory.dlm.data.corpus import (
+    Blocks,
+    parse_stdlib,
+    read_documents,
+    source_digest,
+    stdlib_documents,
+    stdlib_source,
+    tokenize_blocks,
+)
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.stages.bootstrap import train_tokenizer
 
@@ -19,6 +27,52 @@ def test_stdlib_split_is_deterministic_disjoint_and_skips_tests():
     assert 0.02 < len(held) / (len(train) + len(held)) < 0.10
     assert not any(n.startswith(("test/", "site-packages/")) for n in train | held)
     assert held == {d.name for d in stdlib_documents("heldout")}
+
+
+def test_stdlib_exclusion_leaves_out_whole_packages_and_keeps_the_rest():
+    full = {d.name for d in read_documents("stdlib:train")}
+    kept = {d.name for d in read_documents("stdlib:train:exclude=json,asyncio")}
+    gone = full - kept
+    assert {n.split("/")[0] for n in gone} == {"json", "asyncio"}  # only those packages, every file of them
+    assert any(n.startswith("asyncio/") for n in gone) and any(n.startswith("json/") for n in gone)
+    assert not any(n.startswith(("json/", "asyncio/")) for n in kept)
+    # the same split: the held-out side of the exclusion is the held-out split minus the packages
+    held = {d.name for d in read_documents("stdlib:heldout:exclude=json,asyncio")}
+    assert held == {d.name for d in read_documents("stdlib:heldout")
+                    if d.name.split("/")[0].removesuffix(".py") not in {"json", "asyncio"}}
+    assert not held & kept
+    # the cap is taken after the exclusion: still ~max_chars of text, none of it from the packages
+    capped = read_documents("stdlib:train:exclude=json,asyncio", max_chars=300_000)
+    assert sum(len(d.text) for d in capped) >= 300_000 and not {d.name for d in capped} - kept
+
+
+def test_stdlib_source_spellings():
+    assert parse_stdlib("stdlib").split == "train" and parse_stdlib("stdlib").exclude == ()
+    assert parse_stdlib("stdlib:exclude=json").split == "train"
+    # canonical: sorted and deduplicated, so equal sources make equal stage keys
+    assert stdlib_source("heldout", ["unittest", "email", "email"]) == "stdlib:heldout:exclude=email,unittest"
+    assert str(parse_stdlib("stdlib:all:exclude=b:exclude=a")) == "stdlib:all:exclude=a,b"
+    for bad, msg in [("stdlib:dev", "unknown stdlib split"), ("stdlib:train:json", "expected stdlib"),
+                     ("stdlib:train:exclude=", "expected stdlib"), ("stdlib:train:exclude=../x", "expected stdlib")]:
+        with pytest.raises(FactoryError, match=msg):
+            read_documents(bad)
+    with pytest.raises(FactoryError, match="expected stdlib"):
+        source_digest("stdlib:train:exclude=a/b")
+
+
+def test_general_defaults_leave_out_the_demo_users_packages():
+    from dlm_factory.dlm.data.users import DEMO_USERS, GENERAL_HELDOUT, GENERAL_TRAIN
+    from dlm_factory.dlm.evaluation.corpus import EvalConfig
+    from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
+    from dlm_factory.dlm.stages.convert import ConvertConfig
+    from dlm_factory.flows.specialize import SPECIALIST_BASE, SPECIALIST_CONVERT
+
+    assert GENERAL_TRAIN == "stdlib:train:exclude=asyncio,email,json,unittest"
+    for cfg in (BootstrapConfig(), ConvertConfig(), SPECIALIST_BASE, SPECIALIST_CONVERT):
+        assert cfg.data == GENERAL_TRAIN
+    assert EvalConfig().data == GENERAL_HELDOUT
+    names = {d.name.split("/")[0].removesuffix(".py") for d in read_documents(GENERAL_TRAIN, max_chars=2_000_000)}
+    assert not names & set(DEMO_USERS.values())
 
 
 def test_max_chars_gives_a_stable_subset():

@@ -183,6 +183,20 @@ def test_members_with_different_tokenizers_are_refused_in_one_line(members, fore
     assert "\n" not in str(err.value)
 
 
+def test_logarithmic_pool_is_the_weighted_geometric_mean_from_general_to_specialist(members):
+    g, s = members
+    x, am, _ = noisy_batch(g)
+    lg, ls = g(x, am), s(x, am)
+    pool = EnsembleDenoiser.combine("pool", 3.0, g, s)(x, am)
+    torch.testing.assert_close(pool, ((lg + 3.0 * ls) / 4.0).log_softmax(-1), atol=1e-5, rtol=1e-5)
+    # its end points are the members themselves (a renormalised log-prob is itself)
+    torch.testing.assert_close(EnsembleDenoiser.combine("pool", 0.0, g, s)(x, am), lg, atol=1e-5, rtol=1e-5)
+    near = EnsembleDenoiser.combine("pool", 8.0, g, s)(x, am)
+    assert (near - ls).abs().mean() < (pool - ls).abs().mean() < (lg - ls).abs().mean()
+    # and, unlike the product at lambda = 1, two identical members pool to that member
+    torch.testing.assert_close(EnsembleDenoiser.combine("pool", 1.0, g, g)(x, am), lg, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 8.5, float("nan"), float("inf"), "x"])
 def test_lambda_out_of_range_is_refused(bad):
     with pytest.raises(FactoryError, match="lambda"):

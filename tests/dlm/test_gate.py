@@ -47,7 +47,7 @@ def test_build_sweeps_every_form_and_lambda_and_writes_the_dir(built):
         assert (out / f).is_file(), f
     tuning = json.loads((out / "tuning.json").read_text())
     assert {(c["form"], c["lambda"]) for c in tuning["candidates"]} == {
-        (f, lam) for f in ("product_of_experts", "emulated_finetuning") for lam in (0.5, 1.0)}
+        (f, lam) for f in ("product_of_experts", "emulated_finetuning", "logarithmic_pool") for lam in (0.5, 1.0)}
     best = min(tuning["candidates"], key=lambda c: c["bits_per_token"])
     assert (built.form, built.lam) == (best["form"], best["lambda"])
     spec = EnsembleSpec.read(out / "ENSEMBLE.json")
@@ -57,7 +57,8 @@ def test_build_sweeps_every_form_and_lambda_and_writes_the_dir(built):
     gate = json.loads((out / "gate.json").read_text())
     assert gate["passed"] == built.passed == gate_passed(out)
     assert {c["name"] for c in gate["checks"]} >= {"elbo_beats_tiny-dlm", "elbo_beats_spec-json",
-                                                   "judge_nll_not_worse", "parse_rate_not_worse"}
+                                                   "judge_nll_not_worse", "parse_rate_not_worse",
+                                                   "blank_rate_not_worse"}
     assert ("PASSED" if built.passed else "FAILED") in (out / "gate.md").read_text()
     evals = json.loads((out / "eval_results.json").read_text())
     assert {e["metric"] for e in evals} >= {"elbo_bits_per_token_ensemble", "elbo_bits_per_token_tiny-dlm"}
@@ -140,11 +141,17 @@ def test_elbo_check_needs_the_difference_beyond_z_standard_errors():
 
 def test_sample_checks_compare_with_the_general_model():
     cfg = GateConfig(judge_tolerance=0.02, parse_tolerance=0.0)
-    q = {"general": {"judge_nll": 2.0, "parse_rate": 0.5}, "ensemble": {"judge_nll": 2.03, "parse_rate": 0.5}}
-    assert [c.passed for c in quality_checks(q, cfg)] == [True, True]
-    q["ensemble"] = {"judge_nll": 2.05, "parse_rate": 0.4375}
-    assert [c.passed for c in quality_checks(q, cfg)] == [False, False]
-    q["ensemble"] = {"judge_nll": float("nan"), "parse_rate": 0.5}
+    q = {"general": {"judge_nll": 2.0, "parse_rate": 0.5, "blank_rate": 0.0},
+         "ensemble": {"judge_nll": 2.03, "parse_rate": 0.5, "blank_rate": 0.0}}
+    assert [c.passed for c in quality_checks(q, cfg)] == [True, True, True]
+    q["ensemble"] = {"judge_nll": 2.05, "parse_rate": 0.4375, "blank_rate": 0.0}
+    assert [c.passed for c in quality_checks(q, cfg)] == [False, False, True]
+    # blank continuations score well on both (newlines follow newlines, a prompt that parses still parses):
+    # more of them than the general model writes fails on its own
+    q["ensemble"] = {"judge_nll": 1.5, "parse_rate": 0.5, "blank_rate": 1.0}
+    assert [c.passed for c in quality_checks(q, cfg)] == [True, True, False]
+    assert quality_checks(q, GateConfig(blank_tolerance=1.0))[2].passed
+    q["ensemble"] = {"judge_nll": float("nan"), "parse_rate": 0.5, "blank_rate": 0.0}
     assert not quality_checks(q, cfg)[0].passed
 
 

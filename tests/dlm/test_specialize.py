@@ -63,3 +63,67 @@ def test_bad_input_is_one_error(tiny_dlm, tiny_ar, users, tmp_path):
     with pytest.raises(FactoryError, match="autoregressive checkpoint"):
         specialize(tiny_ar, users, "mail", tmp_path / "x", small_cfg(), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def _lora_grads(tiny_dlm, *, eval_first: bool, reference: bool):
+    """LoRA gradients of one diffusion loss, through the 4-bit base or through its dequantized fp32 weights.
+
+    The adapters get the same non-zero weights in both (B = 0 at init would hide errors in the
+    gradients of A); the loss sees the same tokens and the same masking.
+    """
+    import bitsandbytes.functional as bnbf
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dlm_factory.dlm.checkpoint.io import set_bidirectional
+    from dlm_factory.dlm.diffusion.objective import diffusion_loss
+    from dlm_factory.dlm.train.qlora import QLoraConfig, load_qlora
+
+    q = load_qlora(tiny_dlm, QLoraConfig(rank=4, alpha=8))
+    if eval_first:  # what the specialize stage does after training (the held-out ELBO), here before a step
+        q.model.eval()
+        with torch.no_grad():
+            q.model(torch.randint(10, 100, (2, 16)))
+    model = q.model
+    if reference:
+        plain = load_model(tiny_dlm, dtype=torch.float32).model
+        for name, module in q.model.named_modules():
+            if type(module).__name__ == "Linear4bit":
+                w = module.weight
+                if getattr(w.quant_state, "packing_format_for_cpu", False):
+                    pytest.skip("weights already in the CPU inference layout")
+                target = plain.get_submodule(name.removeprefix("base_model.model.").removesuffix(".base_layer"))
+                target.weight.data = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", bias="none")
+        model = get_peft_model(plain, lora)
+        set_bidirectional(model)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in sorted(model.named_parameters()):
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.1
+    model.train()
+    ids = torch.randint(10, 100, (4, 24), generator=torch.Generator().manual_seed(1))
+    loss, _ = diffusion_loss(model, q.spec, ids, generator=torch.Generator().manual_seed(2))
+    loss.backward()
+    return loss.item(), {n.replace(".default", ""): p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_lora_gradients_through_the_4bit_base_match_the_dequantized_weights(tiny_dlm):
+    """bitsandbytes' CPU backward runs through the dequantized weights: the adapters' gradients equal
+    those of an fp32 model holding exactly the dequantized weights. A missing input gradient through a
+    frozen 4-bit layer (an op without an autograd kernel) would change every earlier adapter's gradient.
+
+    Also after an evaluation in between: on AVX512-BF16 CPUs bitsandbytes repacks the weights of a
+    module that runs in eval mode without grad into an inference-only layout whose kernel
+    (``gemv_4bit``) has no backward; ``load_qlora`` turns that repacking off for trainable models."""
+    import torch
+
+    loss_ref, ref = _lora_grads(tiny_dlm, eval_first=False, reference=True)
+    for eval_first in (False, True):
+        loss, got = _lora_grads(tiny_dlm, eval_first=eval_first, reference=False)
+        assert got.keys() == ref.keys() and len(ref) >= 14  # 7 projections x 2 layers, A and B
+        assert loss == pytest.approx(loss_ref, rel=1e-3)
+        for name, g in ref.items():
+            assert torch.allclose(got[name], g, rtol=1e-3, atol=1e-6), name
+        first = [n for n in ref if "layers.0." in n and "lora_A" in n]
+        assert first and all(ref[n].abs().sum() > 0 for n in first)  # the earliest gradients are not trivially 0
