@@ -3,10 +3,11 @@
 ``default`` is the embedded demo (``make demo``: every stage on 2 CPU cores, budgeted to stay
 under ~15 minutes after the install; docs/orchestration.md has the per-stage estimate) and
 ``smoke`` shrinks every stage to a few seconds (what CI runs on a fresh ``FACTORY_HOME`` to
-prove the entry point works end to end). Its gate compares point estimates (``z=0``: a few
-windows of a model trained for seconds cannot resolve a difference at 2 standard errors) and
-skips the sample checks, so that the publish -> pull -> answer path runs; the default profile
-keeps the gate's defaults.
+prove the entry point works end to end). Its gate tests plumbing, not quality: point
+estimates (``z=0``) with a margin of -1 bit/token (the ensemble may be up to that much worse
+than a member) and no sample checks, so that the publish -> pull -> answer path runs on
+models trained for seconds, whose ELBO differences are a few thousandths of a bit either way
+(measured: json +0.0024 with the pool form). The default profile keeps the gate's defaults.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ from dlm_factory.dlm.stages.distill import DistillConfig
 from dlm_factory.dlm.stages.ensemble import EnsembleConfig
 from dlm_factory.dlm.stages.instruct import InstructConfig
 from dlm_factory.dlm.stages.scale import ScaleConfig
-from dlm_factory.dlm.stages.specialize import SpecializeConfig
+from dlm_factory.dlm.stages.specialize import SPECIALIST_BASE, SPECIALIST_CONVERT, SpecializeConfig
 from dlm_factory.dlm.train.config import TrainConfig
-from dlm_factory.flows.specialize import SPECIALIST_BASE, SPECIALIST_CONVERT
 
 TEMPLATE_USER = "template"  # EnsembleConfig needs a user: each user's copy replaces it
 
@@ -102,7 +102,7 @@ PROFILES: dict[str, FactoryConfig] = {
         specialist_convert=ConvertConfig(max_chars=50_000, seq_len=64, anneal_steps=3, train=_tiny(6)),
         specialize=SpecializeConfig(seq_len=64, train=_tiny(4), eval_windows=4, mc_samples=2),
         ensemble=EnsembleConfig(user=TEMPLATE_USER, lambdas=[1.0], seq_len=32, max_windows=6, mc_samples=2,
-                                gate=GateConfig(prompts=0, z=0.0)),
+                                gate=GateConfig(prompts=0, z=0.0, margin=-1.0)),
         sampler=SamplerConfig(length=16),
     ),
 }

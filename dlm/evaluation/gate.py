@@ -39,13 +39,21 @@ GATE_MD = "gate.md"
 
 
 def _default_sampler() -> SamplerConfig:
-    return SamplerConfig(length=64, block_size=32, stop_at_eos=True)
+    """Random-order ancestral sampling at temperature 1 (MDLM; LLaDA's ``random`` remasking), one block.
+
+    The unbiased reference for sample quality (docs/sampling.md, the collapse study): the
+    confidence-ordered samplers commit the most frequent tokens first, and on the demo's
+    small models both contenders' greedy samples collapse into repeated newlines, which the
+    blank check then refuses for whichever collapses harder (measured: every demo user's
+    pool ensemble, 1.0 blank vs the general model's 0.0). Same seed for both contenders."""
+    return SamplerConfig(sampler="llada", length=64, block_size=64, remasking="random", temperature=1.0,
+                         stop_at_eos=True)
 
 
 class GateConfig(BaseModel):
     """Thresholds of the validation gate (defaults: the embedded demo)."""
 
-    margin: float = Field(0.0, ge=0.0, description="bits/token by which the ensemble's ELBO must beat each member's (beyond z standard errors)")
+    margin: float = Field(0.0, description="bits/token by which the ensemble's ELBO must beat each member's (beyond z standard errors); negative: tolerate that much worse (plumbing tests only, e.g. the smoke profile)")
     z: float = Field(2.0, ge=0.0, description="standard errors of the paired difference required beyond the margin (2: ~97.7% one-sided)")
     judge_tolerance: float = Field(0.02, ge=0.0, description="tolerated relative increase of the samples' judge NLL over the general model's")
     parse_tolerance: float = Field(0.0, ge=0.0, le=1.0, description="tolerated absolute drop of the samples' parse rate below the general model's")

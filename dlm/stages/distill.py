@@ -44,6 +44,7 @@ from dlm_factory.dlm.checkpoint.record import (
     source_name,
 )
 from dlm_factory.dlm.data.corpus import Blocks, read_documents, source_digest, tokenize_blocks
+from dlm_factory.dlm.data.users import GENERAL_TRAIN
 from dlm_factory.dlm.diffusion.objective import maskable, masked_logits, sample_t
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import materialize
@@ -54,7 +55,7 @@ from dlm_factory.dlm.train.loop import train
 class DistillConfig(BaseModel):
     """Settings of the distillation (defaults: the embedded demo, a few minutes on CPU)."""
 
-    data: str = Field("stdlib:train", description="where the prompts come from: stdlib[:split], a path or URL")
+    data: str = Field(GENERAL_TRAIN, description="where the prompts come from: stdlib[:split][:exclude=...], a path or URL (default: the general model's corpus, without the demo users' packages)")
     max_chars: int = Field(2_000_000, gt=0, description="corpus cap in characters")
     prompts: int = Field(512, gt=0, description="teacher trajectories (prompts, evenly spread over the corpus)")
     prompt_len: int = Field(32, ge=2, description="prompt window in tokens (start token included)")

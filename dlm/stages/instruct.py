@@ -52,6 +52,7 @@ from dlm_factory.dlm.data.batching import pad_id
 from dlm_factory.dlm.data.chat import DEFAULT_FORMAT, ensure_chat_template
 from dlm_factory.dlm.data.corpus import source_digest
 from dlm_factory.dlm.data.sft import SFTBatches, prepare_rows
+from dlm_factory.dlm.data.users import GENERAL_TRAIN
 from dlm_factory.dlm.diffusion.objective import ar_loss, diffusion_loss
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.paths import materialize
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 class InstructConfig(BaseModel):
     """Settings of instruction tuning (defaults: the embedded demo, a few minutes on CPU)."""
 
-    data: str = Field("stdlib:train", description="instructions: stdlib[:split] or a JSONL file/dir (path, file:// or s3://)")
+    data: str = Field(GENERAL_TRAIN, description="instructions: stdlib[:split][:exclude=...] or a JSONL file/dir (path, file:// or s3://); default: from the general model's corpus, without the demo users' packages")
     objective: Literal["diffusion", "ar"] = Field("diffusion", description="diffusion: LLaDA SFT of a DLM; ar: next-token SFT of an AR checkpoint (the baseline)")
     response_len: int = Field(64, ge=2, description="response length L in tokens, EOS padding included; longer responses are dropped")
     response_bucket: int | None = Field(None, gt=0, description="pad each response to a multiple of this instead of L (None: always L, as LLaDA)")

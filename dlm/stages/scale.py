@@ -48,6 +48,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from dlm_factory.dlm.data.users import GENERAL_TRAIN
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.evaluation.corpus import EvalConfig
 from dlm_factory.dlm.train.config import TrainConfig
@@ -62,7 +63,7 @@ class ScaleConfig(BaseModel):
     """Settings of the scaling stage (defaults: a small ladder the embedded demo can run on CPU)."""
 
     ladder: str = Field("2x64,3x96,4x128", description="rungs, comma-separated: LAYERSxHIDDEN (grow the model) or checkpoint dirs/URLs (one family); parameters must increase")
-    data: str = Field("stdlib:train", description="training corpus (stdlib[:split], path or URL)")
+    data: str = Field(GENERAL_TRAIN, description="training corpus (stdlib[:split][:exclude=...], path or URL; default: the general model's, without the demo users' packages)")
     max_chars: int = Field(3_000_000, gt=0, description="corpus cap in characters")
     seq_len: int = Field(128, ge=8, description="training sequence length")
     init: Literal["grow", "scratch"] = Field("grow", description="grow: start each rung from the model (grown) or the checkpoint; scratch: random init of each rung's architecture")

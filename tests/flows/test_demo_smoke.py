@@ -38,7 +38,7 @@ def test_demo_smoke_profile_in_a_factory_home_that_does_not_exist(tmp_path):
 
     cat = Catalog(f"file://{home / 'catalog'}", trust=False)
     ensembles = {r.user: r for r in cat.list(kind="ensemble")}
-    assert sorted(ensembles) == sorted(USERS)  # the smoke gate passes every user (z=0: point estimates)
+    assert sorted(ensembles) == sorted(USERS)  # the smoke gate passes every user (plumbing: z=0, margin -1)
     for user in USERS:
         pulled = home / "users" / user / "pulled"
         marker = json.loads((pulled / ".catalog-pull.json").read_text())
