@@ -39,7 +39,7 @@ DEMO_FACTORY_USERS = {u: DEMO_USERS[u] for u in ("email", "json", "unittest")}
 
 def _demo_scale() -> ScaleConfig:
     """A two-rung ladder from scratch, in process (no torchrun start-up): 1.2e12 FLOPs in all (~1 min on 2 cores)."""
-    return ScaleConfig(ladder="2x64,3x96", init="scratch", max_chars=1_000_000, budget=3e11, zero=None,
+    return ScaleConfig(ladder="2x64,2x128", init="scratch", max_chars=1_000_000, budget=3e11, zero=None,
                        eval=EvalConfig(mc_samples=8, max_windows=16))
 
 
