@@ -62,7 +62,7 @@ _NAME = re.compile(r"[^a-z0-9._-]+")
 class ScaleConfig(BaseModel):
     """Settings of the scaling stage (defaults: a small ladder the embedded demo can run on CPU)."""
 
-    ladder: str = Field("2x64,3x96,4x128", description="rungs, comma-separated: LAYERSxHIDDEN (grow the model) or checkpoint dirs/URLs (one family); parameters must increase")
+    ladder: str = Field("2x64,2x128,4x128", description="rungs, comma-separated: LAYERSxHIDDEN (grow the model) or checkpoint dirs/URLs (one family); parameters must increase")
     data: str = Field(GENERAL_TRAIN, description="training corpus (stdlib[:split][:exclude=...], path or URL; default: the general model's, without the demo users' packages)")
     max_chars: int = Field(3_000_000, gt=0, description="corpus cap in characters")
     seq_len: int = Field(128, ge=8, description="training sequence length")
