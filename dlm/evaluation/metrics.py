@@ -17,13 +17,23 @@ import warnings
 
 
 def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], batch_size: int = 16) -> float:
-    """Mean per-token NLL in nats of ``continuations[i]`` given ``prompts[i]`` under ``judge``.
+    """Mean per-token NLL in nats of ``continuations[i]`` given ``prompts[i]`` under ``judge``, tokens pooled
+    over all continuations (a long sample weighs more); NaN when every continuation is empty.
+    See ``judge_nlls`` for the rules."""
+    sums = judge_nlls(judge, prompts, continuations, batch_size)
+    count = sum(n for _, n in sums)
+    return sum(t for t, _ in sums) / count if count else float("nan")
+
+
+def judge_nlls(judge, prompts: list[list[int]], continuations: list[list[int]],
+               batch_size: int = 16) -> list[tuple[float, int]]:
+    """(summed NLL in nats, tokens) of each ``continuations[i]`` given ``prompts[i]`` under ``judge``.
 
     ``judge`` is a ``dlm.checkpoint.io.Loaded`` AR checkpoint (``spec`` None). Tokens are
     pooled over all continuations (a long sample weighs more). Sequences are
     right-padded with an attention mask; a prompt too long for the judge's positions
-    loses its oldest tokens. An empty prompt is conditioned on BOS/EOS. Empty
-    continuations are skipped; if all are empty the result is NaN.
+    loses its oldest tokens. An empty prompt is conditioned on BOS/EOS. An empty
+    continuation scores (0.0, 0).
     """
     import torch
     import torch.nn.functional as F
@@ -39,8 +49,8 @@ def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], b
     tok = judge.tokenizer
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     limit = judge.max_positions or 1 << 30
-    pairs = []
-    for p, c in zip(prompts, continuations, strict=True):
+    pairs, kept = [], []
+    for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
         if not c:
             continue
         p = list(p) if p else ([start] if start is not None else [])
@@ -50,21 +60,24 @@ def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], b
             raise FactoryError(f"judge_nll: continuation of {len(c)} tokens exceeds the judge's {limit} positions")
         p = p[-(limit - len(c)):]
         pairs.append((p, list(c)))
+        kept.append(i)
+    out = [(0.0, 0)] * len(continuations)
     if not pairs:
-        return float("nan")
+        return out
     model = judge.model
     device = model_device(model)
-    total, count = 0.0, 0
+    sums = []
     with torch.no_grad(), inference_autocast(device):
         for lo in range(0, len(pairs), batch_size):
             batch = collate([(p + c, len(p)) for p, c in pairs[lo : lo + batch_size]], pad_id(tok))
             ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             target = (am.bool() & ~batch["prompt_mask"].to(device))[:, 1:]  # continuation tokens: their NLL counts
             logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits[:, :-1]  # [B, T-1, V]
-            nll = F.cross_entropy(logits[target].float(), ids[:, 1:][target], reduction="sum")
-            total += float(nll)
-            count += int(target.sum())
-    return total / count
+            nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+            sums += [(float((row * m).sum()), int(m.sum())) for row, m in zip(nll, target.float(), strict=True)]
+    for i, pair in zip(kept, sums, strict=True):
+        out[i] = pair
+    return out
 
 
 def parses(text: str) -> bool:

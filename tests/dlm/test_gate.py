@@ -139,20 +139,40 @@ def test_elbo_check_needs_the_difference_beyond_z_standard_errors():
     assert checks[0].value == pytest.approx(0.06)
 
 
-def test_sample_checks_compare_with_the_general_model():
-    cfg = GateConfig(judge_tolerance=0.02, parse_tolerance=0.0)
-    q = {"general": {"judge_nll": 2.0, "parse_rate": 0.5, "blank_rate": 0.0},
-         "ensemble": {"judge_nll": 2.03, "parse_rate": 0.5, "blank_rate": 0.0}}
+def _q(nll: list, parses: list, blank: float = 0.0) -> dict:
+    scored = [x for x in nll if x is not None]
+    return {"judge_nll": sum(scored) / len(scored) if scored else float("nan"), "parse_rate": sum(parses) / len(parses),
+            "blank_rate": blank, "prompt_nll": nll, "prompt_parses": parses}
+
+
+def test_sample_checks_are_paired_prompt_by_prompt_with_error_bars():
+    cfg = GateConfig(judge_tolerance=0.02, parse_tolerance=0.0, z=2.0)
+    general = _q([2.0, 2.2, 1.8, 2.0], [True, False, True, False])
+    # worse on every prompt by 0.2 (no spread): the lower bound 0.2 exceeds 2% of 2.0
+    q = {"general": general, "ensemble": _q([2.2, 2.4, 2.0, 2.2], [True, False, True, False])}
+    checks = quality_checks(q, cfg)
+    assert [c.passed for c in checks] == [False, True, True]
+    assert checks[0].value == pytest.approx(0.2)
+    # worse on average by 0.1 but with a spread that 4 prompts cannot resolve: the guard passes
+    q["ensemble"] = _q([2.6, 1.9, 2.1, 1.8], [True, False, True, False])
+    d = [0.6, -0.3, 0.3, -0.2]
+    se = (sum((x - 0.1) ** 2 for x in d) / 3 / 4) ** 0.5
+    assert quality_checks(q, cfg)[0].value == pytest.approx(0.1 - 2 * se)
+    assert quality_checks(q, cfg)[0].passed and not quality_checks(q, GateConfig(z=0.0))[0].passed
+    # parses lost on half the prompts: 4 prompts cannot resolve it; lost on every prompt: fails
+    q["ensemble"] = _q([2.0, 2.2, 1.8, 2.0], [False, False, False, False])
     assert [c.passed for c in quality_checks(q, cfg)] == [True, True, True]
-    q["ensemble"] = {"judge_nll": 2.05, "parse_rate": 0.4375, "blank_rate": 0.0}
-    assert [c.passed for c in quality_checks(q, cfg)] == [False, False, True]
+    q["general"] = _q([2.0, 2.2, 1.8, 2.0], [True, True, True, True])
+    assert [c.passed for c in quality_checks(q, cfg)] == [True, False, True]
+    q["general"] = general
+    # only the prompts both contenders answered are paired; none: the judge check fails
+    q["ensemble"] = _q([None, None, None, None], [True, False, True, False])
+    assert not quality_checks(q, cfg)[0].passed
     # blank continuations score well on both (newlines follow newlines, a prompt that parses still parses):
     # more of them than the general model writes fails on its own
-    q["ensemble"] = {"judge_nll": 1.5, "parse_rate": 0.5, "blank_rate": 1.0}
+    q["ensemble"] = _q([1.5, 1.5, 1.5, 1.5], [True, False, True, False], blank=1.0)
     assert [c.passed for c in quality_checks(q, cfg)] == [True, True, False]
     assert quality_checks(q, GateConfig(blank_tolerance=1.0))[2].passed
-    q["ensemble"] = {"judge_nll": float("nan"), "parse_rate": 0.5, "blank_rate": 0.0}
-    assert not quality_checks(q, cfg)[0].passed
 
 
 def test_gate_markdown_states_the_verdict():
