@@ -53,7 +53,6 @@ from bench.sampling import (
     judge_config,
     judge_name,
     judge_strength,
-    paired_difference,
     quality,
     run_interleaved,
 )
@@ -61,6 +60,7 @@ from dlm_factory.dlm.checkpoint.io import load_model
 from dlm_factory.dlm.checkpoint.record import lineage_root
 from dlm_factory.dlm.data.corpus import stdlib_documents
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
+from dlm_factory.dlm.evaluation.metrics import paired_difference
 from dlm_factory.dlm.sampling.generate import ar_generate, encode_prompts
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
 from dlm_factory.dlm.sampling.speculative import SpeculativeConfig, SpeculativeStats, Speculator

@@ -48,7 +48,13 @@ from dlm_factory.dlm.data.batching import left_pad
 from dlm_factory.dlm.data.corpus import read_documents, rolling_windows, stdlib_documents
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.evaluation.likelihood import ar_nll
-from dlm_factory.dlm.evaluation.metrics import judge_nll, parse_rate, repetition
+from dlm_factory.dlm.evaluation.metrics import (
+    judge_nlls,
+    paired_difference,
+    parse_rate,
+    pooled_mean,
+    repetition,
+)
 from dlm_factory.dlm.sampling.generate import encode_prompts
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
 from dlm_factory.dlm.stages.bootstrap import BootstrapConfig, bootstrap, bootstrap_key
@@ -128,46 +134,10 @@ def judge_scores(judge, prompts: list[str], texts: list[str]) -> list[tuple[floa
     """
     tok = judge.tokenizer
     p_ids = encode_prompts(tok, prompts)
-    out = []
-    for p, t in zip(p_ids, texts, strict=True):
-        c = tok(t, add_special_tokens=False)["input_ids"] if t else []
-        out.append((judge_nll(judge, [p], [c]) * len(c), len(c)) if c else (0.0, 0))
-    return out
+    conts = [tok(t, add_special_tokens=False)["input_ids"] if t else [] for t in texts]
+    return judge_nlls(judge, p_ids, conts)
 
 
-def pooled_mean(scores: list[tuple[float, int]]) -> tuple[float, float]:
-    """(mean per token, its standard error across samples) of per-sample (total, tokens): a ratio estimator.
-
-    mean = sum(total) / sum(tokens); its variance (delta method, samples independent) is
-    sum_i (total_i - mean * tokens_i)^2 / (k (k - 1)) / (mean tokens)^2. NaN when nothing was scored.
-    """
-    k = len(scores)
-    tokens = sum(n for _, n in scores)
-    if tokens == 0:
-        return float("nan"), float("nan")
-    mean = sum(y for y, _ in scores) / tokens
-    if k < 2:
-        return mean, float("nan")
-    resid = sum((y - mean * n) ** 2 for y, n in scores)
-    return mean, math.sqrt(resid / (k * (k - 1))) / (tokens / k)
-
-
-def paired_difference(a: list[tuple[float, int]], b: list[tuple[float, int]]) -> tuple[float, float]:
-    """(mean_a - mean_b, standard error) of two ratio estimators over the same samples (paired by index).
-
-    Each sample's linearised contribution is d_i = (y_a - m_a n_a) / nbar_a - (y_b - m_b n_b) / nbar_b;
-    the difference's variance is sum_i d_i^2 / (k (k - 1)): noise shared by the pair (a hard prompt)
-    cancels.
-    """
-    if len(a) != len(b):
-        raise ValueError(f"paired over the same samples: {len(a)} vs {len(b)}")
-    (ma, _), (mb, _) = pooled_mean(a), pooled_mean(b)
-    k = len(a)
-    if math.isnan(ma) or math.isnan(mb) or k < 2:
-        return ma - mb, float("nan")
-    na, nb = sum(n for _, n in a) / k, sum(n for _, n in b) / k
-    d = [(ya - ma * xa) / na - (yb - mb * xb) / nb for (ya, xa), (yb, xb) in zip(a, b, strict=True)]
-    return ma - mb, math.sqrt(sum(x * x for x in d) / (k * (k - 1)))
 
 
 class Contender:

@@ -33,7 +33,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from dlm_factory.dlm.evaluation.likelihood import paired_elbo
-from dlm_factory.dlm.evaluation.metrics import judge_nlls, parses
+from dlm_factory.dlm.evaluation.metrics import judge_nlls, paired_difference, parses, pooled_mean
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
 
 GATE_JSON = "gate.json"
@@ -109,16 +109,6 @@ def elbo_checks(estimates: dict, members: list[str], cfg: GateConfig) -> list[Ch
     return checks
 
 
-def paired_difference(a: list[float | None], b: list[float | None]) -> tuple[float, float, int]:
-    """Mean and standard error of ``a[i] - b[i]`` over the prompts where both are scored (None: not scored)."""
-    d = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-    if not d:
-        return float("nan"), float("nan"), 0
-    mean = sum(d) / len(d)
-    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else float("inf")
-    return mean, math.sqrt(var / len(d)), len(d)
-
-
 def quality_checks(quality: dict, cfg: GateConfig) -> list[Check]:
     """The ensemble's samples against the general model's, paired prompt by prompt: judge NLL, parse rate, blanks.
 
@@ -128,11 +118,12 @@ def quality_checks(quality: dict, cfg: GateConfig) -> list[Check]:
     show more. Blank responses are a degenerate mode and are checked on the rates as they are.
     """
     ens, gen = quality["ensemble"], quality["general"]
-    d, se, n = paired_difference(ens["prompt_nll"], gen["prompt_nll"])
+    d, se = paired_difference(ens["prompt_scores"], gen["prompt_scores"])
+    n = len(ens["prompt_scores"])
     allowed = cfg.judge_tolerance * gen["judge_nll"]
     judge_bound = d - cfg.z * se
-    judge_ok = n > 0 and math.isfinite(d) and judge_bound <= allowed
-    p, pse, _ = paired_difference([float(x) for x in gen["prompt_parses"]], [float(x) for x in ens["prompt_parses"]])
+    judge_ok = math.isfinite(d) and judge_bound <= allowed  # NaN: the ensemble answered nothing
+    p, pse = paired_difference([(float(x), 1) for x in gen["prompt_parses"]], [(float(x), 1) for x in ens["prompt_parses"]])
     parse_bound = p - cfg.z * pse
     return [
         Check(name="judge_nll_not_worse", passed=judge_ok, value=judge_bound, threshold=allowed,
@@ -164,13 +155,12 @@ def sample_quality(denoisers: dict[str, object], prompt_texts: list[str], tokeni
         ids = sample(den, prompt_ids, sampler)
         seconds = time.perf_counter() - start
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-        sums = judge_nlls(judge, prompt_ids, ids)
-        tokens = sum(k for _, k in sums)
+        scores = judge_nlls(judge, prompt_ids, ids)
         parsed = [parses(p + t) for p, t in zip(prompt_texts, texts, strict=True)]
-        out[name] = {"judge_nll": sum(t for t, _ in sums) / tokens if tokens else float("nan"),
+        out[name] = {"judge_nll": pooled_mean(scores)[0],
                      "parse_rate": sum(parsed) / len(parsed), "seconds": seconds,
                      "blank_rate": sum(not t.strip() for t in texts) / len(texts),  # blanks score well on both of the above
-                     "prompt_nll": [t / k if k else None for t, k in sums], "prompt_parses": parsed,
+                     "prompt_scores": scores, "prompt_parses": parsed,
                      "examples": texts[:2]}
     return out
 

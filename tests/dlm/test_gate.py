@@ -139,10 +139,11 @@ def test_elbo_check_needs_the_difference_beyond_z_standard_errors():
     assert checks[0].value == pytest.approx(0.06)
 
 
-def _q(nll: list, parses: list, blank: float = 0.0) -> dict:
+def _q(nll: list, parses: list, blank: float = 0.0, tokens: int = 10) -> dict:
+    scores = [(x * tokens, tokens) if x is not None else (0.0, 0) for x in nll]  # (summed NLL, tokens) per prompt
     scored = [x for x in nll if x is not None]
     return {"judge_nll": sum(scored) / len(scored) if scored else float("nan"), "parse_rate": sum(parses) / len(parses),
-            "blank_rate": blank, "prompt_nll": nll, "prompt_parses": parses}
+            "blank_rate": blank, "prompt_scores": scores, "prompt_parses": parses}
 
 
 def test_sample_checks_are_paired_prompt_by_prompt_with_error_bars():
