@@ -48,6 +48,7 @@ from dlm_factory.dlm.checkpoint.record import StageKey, is_done, model_digest, n
 from dlm_factory.dlm.data.corpus import (
     Blocks,
     code_prompts,
+    encode_documents,
     rolling_windows,
     tokenize_blocks,
 )
@@ -61,7 +62,12 @@ from dlm_factory.dlm.diffusion.ensemble import FORM_SHORT, FORMS, EnsembleDenois
 from dlm_factory.dlm.diffusion.objective import ar_loss
 from dlm_factory.dlm.evaluation.gate import GateConfig
 from dlm_factory.dlm.evaluation.likelihood import ar_combined_nll
-from dlm_factory.dlm.evaluation.router import RouterConfig, prefix_requests, routing_accuracy
+from dlm_factory.dlm.evaluation.router import (
+    RouterConfig,
+    fit_router,
+    prefix_requests,
+    routing_accuracy,
+)
 from dlm_factory.dlm.sampling.generate import encode_prompts
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
 from dlm_factory.dlm.stages.ensemble import EnsembleConfig, build_ensemble, split_windows
@@ -195,6 +201,49 @@ def step_overhead(general: Path, specialist, specialist_dir: Path, base, sizes: 
     return out
 
 
+def router_figures(tokenizer, specialist_dirs: dict[str, Path], root: str, args) -> dict:
+    """Routing accuracy on the users' held-out requests, by both rules on the same requests: the n-gram
+    routers (counted on each user's train split, as ``build_ensemble`` does) at M/2, M, 2M, and the
+    specialists' prefix ELBO at the same M's and at fewer/more draws (estimator noise)."""
+    say("router")
+    users = list(specialist_dirs)
+    longest = 2 * args.prefix_tokens  # one request set for every M: requests long enough for 2M tokens, cut to M
+    requests = {u: prefix_requests(tokenizer, user_documents(root, u, "heldout"), args.router_requests, longest)
+                for u in users}
+    ngram = RouterConfig(prefix_tokens=args.prefix_tokens)
+    t0 = time.perf_counter()
+    routers = {u: fit_router(encode_documents(tokenizer, user_documents(root, u, "train")), len(tokenizer), ngram)
+               for u in users}
+    fit_seconds = (time.perf_counter() - t0) / len(users)
+    sizes = {u: len(lm.to_bytes()) for u, lm in routers.items()}
+    specialists = {u: ModelDenoiser(load_model(d)) for u, d in specialist_dirs.items()}
+    elbo = ngram.model_copy(update={"rule": "prefix_elbo"})
+    runs = []
+    for m in (args.prefix_tokens // 2, args.prefix_tokens, longest):
+        runs.append(routing_accuracy(routers, requests, ngram.model_copy(update={"prefix_tokens": m})))
+        runs.append(routing_accuracy(specialists, requests, elbo.model_copy(update={"prefix_tokens": m})))
+    for r in (8, 128):
+        runs.append(routing_accuracy(specialists, requests, elbo.model_copy(update={"mc_samples": r})))
+    return {"runs": runs, "router_bytes": sizes, "fit_seconds_per_user": fit_seconds,
+            "train_tokens": {u: sum(map(len, encode_documents(tokenizer, user_documents(root, u, "train"))))
+                             for u in users}}
+
+
+def router_table(rt: dict) -> list[str]:
+    gen = rt.get("generation_seconds_per_request")
+    out = ["", "Router, held-out requests (the same requests cut to M tokens):", "",
+           "| rule | M | draws | requests | accuracy | per user | seconds / request | routing / generation time |",
+           "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for x in sorted(rt["runs"], key=lambda x: (x["rule"], x["prefix_tokens"], x.get("mc_samples", 0))):
+        per = ", ".join(f"{u} {v:.2f}" for u, v in x["per_user"].items())
+        ratio = f"{x['seconds_per_request'] / gen:.4f}" if gen else "-"
+        out.append(f"| {x['rule']} | {x['prefix_tokens']} | {x.get('mc_samples', '-')} | {x['requests']} | "
+                   f"{x['accuracy']:.3f} ± {x['stderr']:.3f} | {per} | {x['seconds_per_request']:.5f} | {ratio} |")
+    sizes = ", ".join(f"{u} {b / 1e3:.0f} kB ({rt['train_tokens'][u]:,} train tokens)" for u, b in rt["router_bytes"].items())
+    out += ["", f"n-gram routers: {sizes}; fitted in {rt['fit_seconds_per_user']:.2f} s per user."]
+    return out
+
+
 def rel(a: float, b: float) -> float:
     return (a - b) / b
 
@@ -222,6 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overhead-repeats", type=int, default=3, help="rounds of the overhead timing")
     ap.add_argument("--router-requests", type=int, default=25, help="held-out routing requests per user")
     ap.add_argument("--prefix-tokens", type=int, default=32, help="router prefix M")
+    ap.add_argument("--only-router", action="store_true", help="build (or reuse) the models, measure the router only")
     ap.add_argument("--out", help="write the JSON report here too")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -246,6 +296,13 @@ def main(argv=None) -> int:
                           user_data_digest(root, u))
         specs[u] = (m.specialists[u], a)
     build_seconds = time.perf_counter() - t_start
+    if args.only_router:
+        router = router_figures(load_model(general_dlm).tokenizer, {u: specs[u][0] for u in users}, root, args)
+        report = clean({"bench": "ensemble-router", "users": users, "router": router,
+                        "load_average": [round(x, 2) for x in os.getloadavg()]})
+        print(json.dumps(report))
+        print("\n".join(router_table(report["router"])))
+        return 0
     sizes = {"general": n_params(general_dlm), "specialist": n_params(small_dlm)}
     assert tokenizer_digest(load_model(general_dlm).tokenizer) == tokenizer_digest(load_model(small_dlm).tokenizer)
 
@@ -313,18 +370,9 @@ def main(argv=None) -> int:
                           max(1, args.overhead_repeats - 1))
 
     # 4: routing accuracy on held-out requests, and its cost
-    say("router")
-    specialists = {u: ModelDenoiser(load_model(specs[u][0])) for u in users}
-    rcfg = RouterConfig(prefix_tokens=args.prefix_tokens)
-    longest = 2 * args.prefix_tokens  # one request set for every M: requests long enough for 2M tokens, cut to M
-    requests = {u: prefix_requests(g.tokenizer, user_documents(root, u, "heldout"), args.router_requests, longest)
-                for u in users}
-    routing = routing_accuracy(specialists, requests, rcfg)
-    routing_other = {f"M={m}": routing_accuracy(specialists, requests, rcfg.model_copy(update={"prefix_tokens": m}))
-                     for m in (args.prefix_tokens // 2, longest)}
-    routing_other |= {f"R={r}": routing_accuracy(specialists, requests, rcfg.model_copy(update={"mc_samples": r}))
-                      for r in (8, 128)}  # estimator noise: fewer / more draws at the same M
+    router = router_figures(g.tokenizer, {u: specs[u][0] for u in users}, root, args)
     gen_per_request = over[chosen]["seconds"] / (args.overhead_repeats * len(prompt_ids))
+    router["generation_seconds_per_request"] = gen_per_request
     measure_seconds = time.perf_counter() - t_measure
 
     report = clean({
@@ -335,8 +383,7 @@ def main(argv=None) -> int:
         "overhead": {"threshold_dual": over, "llada": over_llada, "per_step": steps, "user": u0,
                      "prompts": len(prompt_ids),
                      "length": args.length, "lambda": lam0, "form": form0},
-        "router": {"main": routing, "other": routing_other, "generation_seconds_per_request": gen_per_request,
-                   "routing_over_generation": routing["seconds_per_request"] / gen_per_request},
+        "router": router,
         "seconds": {"build": build_seconds, "measure": measure_seconds, "total": time.perf_counter() - t_start,
                     "built_now": m.seconds},
         "specialize_config": m.spec_config.model_dump(), "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -388,14 +435,7 @@ def markdown(r: dict) -> str:
         out.append(f"| {x['general']} | {x['params']:,} | {x['size_ratio']:.0f}x | {ms['general']:.2f} | "
                    f"{ms['specialist']:.2f} / {ms['specialist_fp32']:.2f} | {ms['poe']:.2f} | {x['combine_ms']:.2f} | "
                    f"{ms['eft']:.2f} | {x['poe_ratio']:.3f}x | {x['poe_fp32_ratio']:.3f}x | {x['eft_ratio']:.3f}x |")
-    rt = r["router"]
-    out += ["", "Router (prefix ELBO of each specialist, held-out requests):", "",
-            "| M | draws | requests | accuracy | per user | seconds / request | routing / generation time |",
-            "|---:|---:|---:|---:|---|---:|---:|"]
-    for x in sorted([rt["main"], *rt["other"].values()], key=lambda x: (x["prefix_tokens"], x["mc_samples"])):
-        per = ", ".join(f"{u} {v:.2f}" for u, v in x["per_user"].items())
-        out.append(f"| {x['prefix_tokens']} | {x['mc_samples']} | {x['requests']} | {x['accuracy']:.3f} ± {x['stderr']:.3f} | {per} | "
-                   f"{x['seconds_per_request']:.4f} | {x['seconds_per_request'] / rt['generation_seconds_per_request']:.3f} |")
+    out += router_table(r["router"])
     return "\n".join(out)
 
 

@@ -295,9 +295,39 @@ class LoadedEnsemble:
                                         cache["specialist"], cache.get("base"), context=self.context_ids(context))
 
     def specialist_denoiser(self):
-        """The specialist alone (the router scores requests with it)."""
+        """The specialist alone (the prefix_elbo router scores requests with it)."""
         self.denoiser()
         return self.__dict__["_denoisers"]["specialist"]
+
+    def router_config(self):
+        """The stored router settings as a ``RouterConfig`` (defaults where absent; a spec written
+        before the n-gram router, which names no rule, routes by prefix ELBO as it did then)."""
+        from dlm_factory.dlm.evaluation.router import RouterConfig
+
+        known = {k: v for k, v in self.router.items() if k in RouterConfig.model_fields}
+        known.setdefault("rule", "prefix_elbo")
+        try:
+            return RouterConfig(**known)
+        except ValueError as e:
+            raise FactoryError(f"{self.path}: invalid router settings ({e})") from None
+
+    def router_scorer(self):
+        """What routes requests to this user: the n-gram router (``router.safetensors``, its sha256
+        checked against ENSEMBLE.json before it is read) or, for prefix_elbo, the specialist."""
+        if self.router_config().rule == "prefix_elbo":
+            return self.specialist_denoiser()
+        if "_router" not in self.__dict__:
+            from dlm_factory.dlm.evaluation.ngram import ROUTER_FILE, NgramLM
+
+            path = self.path / ROUTER_FILE
+            want = self.router.get("sha256")
+            if not path.is_file():
+                raise FactoryError(f"{self.path}: routes by prefix_ngram but has no {ROUTER_FILE}")
+            got = "sha256:" + sha256_file(path)[1]
+            if want != got:
+                raise FactoryError(f"{path}: sha256 {got} does not match ENSEMBLE.json's router ({want})")
+            self.__dict__["_router"] = NgramLM.load(path)
+        return self.__dict__["_router"]
 
     def generate(self, prompts: list[str], cfg=None, *, context: str | list[int] | None = None,
                  on_step=None, chat: bool | None = None) -> list[str]:
@@ -403,26 +433,32 @@ def load_ensembles(root: str | os.PathLike, *, user: str | None = None, verify: 
     return {u: load_ensemble(p, verify=verify) for u, p in found.items()}
 
 
+def routers(ensembles: dict[str, LoadedEnsemble], **overrides):
+    """(RouterConfig, {user: scorer}) for routing among ``ensembles``: the first ensemble's settings
+    (``overrides`` replace fields, e.g. prefix_tokens); every ensemble must route by the same rule."""
+    configs = {u: e.router_config() for u, e in ensembles.items()}
+    rules = {c.rule for c in configs.values()}
+    if len(rules) > 1:
+        by_rule = ", ".join(f"{u}: {c.rule}" for u, c in configs.items())
+        raise FactoryError(f"the ensembles route by different rules ({by_rule}); rebuild them with one rule")
+    first = next(iter(configs.values()))
+    cfg = first.model_validate({**first.model_dump(), **overrides})
+    return cfg, {u: e.router_scorer() for u, e in ensembles.items()}
+
+
 def generate_routed(ensembles: dict[str, LoadedEnsemble], prompts: list[str], cfg=None, *,
                     context: str | None = None, on_step=None, chat: bool | None = None) -> tuple[list[str], list[str]]:
     """(user, text) per prompt: with one ensemble every prompt goes to it; with several, each prompt
-    goes to the user whose specialist has the lowest prefix ELBO (``dlm.evaluation.router``).
-    The router settings are the first ensemble's ``router`` (defaults where absent)."""
-    from dlm_factory.dlm.evaluation.router import RouterConfig, route
+    goes to the user whose router scores its prefix best (``dlm.evaluation.router``; ``routers``)."""
+    from dlm_factory.dlm.evaluation.router import route
     from dlm_factory.dlm.sampling.generate import encode_prompts
 
     users = list(ensembles)
     if len(users) == 1:
         picked = users * len(prompts)
     else:
-        first = ensembles[users[0]]
-        known = {k: v for k, v in first.router.items() if k in RouterConfig.model_fields}
-        try:
-            rcfg = RouterConfig(**known)
-        except ValueError as e:
-            raise FactoryError(f"{first.path}: invalid router settings ({e})") from None
-        picked = route({u: e.specialist_denoiser() for u, e in ensembles.items()},
-                       encode_prompts(first.tokenizer, prompts), rcfg)
+        rcfg, scorers = routers(ensembles)
+        picked = route(scorers, encode_prompts(ensembles[users[0]].tokenizer, prompts), rcfg)
     texts: list[str] = [""] * len(prompts)
     for u in dict.fromkeys(picked):
         idx = [i for i, p in enumerate(picked) if p == u]

@@ -1,15 +1,23 @@
-"""Prefix routing: send a request that names no user to the specialist that explains its start best.
+"""Prefix routing: send a request that names no user to the user whose model explains its start best.
 
 SmallTalk LM (Filippova et al. 2024) routes each request to one expert by the likelihood
-of a short prefix under small per-expert routers (256 tokens in the paper; still better
-than a dense model at 32). Here the specialists are the routers: the request goes to the
-user whose specialist has the lowest diffusion ELBO (bits/token) on the first M prompt
-tokens (default 32). The ELBO is a Monte Carlo estimate: every prompt is replicated
-``mc_samples`` times with masking rates stratified over (0, 1], and every specialist sees
-the *same* noisy rows, so the comparison between specialists is paired (their shared
-noise cancels in the argmin).
+of a short prefix under small per-expert *router* LMs (256 tokens in the paper; still
+better than a dense model at 32). Two rules, both scored in bits/token on the first M
+prompt tokens (default 32) after the start token; the lowest score wins:
 
-Shapes: P prompts, R draws per prompt, M prefix tokens, K specialists, V vocabulary.
+- ``prefix_ngram`` (default): each user's router is an interpolated Kneser-Ney n-gram LM
+  over the shared tokenizer's ids, counted on the user's train split
+  (``dlm.evaluation.ngram``; stored as ``router.safetensors`` in the ensemble dir, its
+  sha256 in ENSEMBLE.json). Exact likelihoods, no model forward.
+- ``prefix_elbo``: the specialists are the routers: their diffusion ELBO on the prefix,
+  a Monte Carlo estimate. Every prompt is replicated ``mc_samples`` times with masking
+  rates stratified over (0, 1], and every specialist sees the *same* noisy rows, so the
+  comparison between specialists is paired (their shared noise cancels in the argmin).
+
+On the demo users the n-gram routers route held-out requests better than the specialists'
+ELBO at every M measured (docs/ensemble.md, ``bench/ensemble.py``).
+
+Shapes: P prompts, R draws per prompt, M prefix tokens, K users, V vocabulary.
 """
 
 from __future__ import annotations
@@ -26,16 +34,20 @@ from dlm_factory.dlm.diffusion.denoiser import denoiser_device
 from dlm_factory.dlm.diffusion.ensemble import check_shared_tokenizer
 from dlm_factory.dlm.diffusion.objective import corrupt
 from dlm_factory.dlm.errors import FactoryError
+from dlm_factory.dlm.evaluation.ngram import NgramLM
 
 
 class RouterConfig(BaseModel):
-    """Prefix-ELBO routing (stored in ENSEMBLE.json under ``router``)."""
+    """Prefix routing settings (stored in ENSEMBLE.json under ``router``)."""
 
-    rule: Literal["prefix_elbo"] = Field("prefix_elbo", description="route by the specialists' ELBO on the prompt's prefix")
+    rule: Literal["prefix_ngram", "prefix_elbo"] = Field(
+        "prefix_ngram", description="prefix_ngram: the users' n-gram router LMs; prefix_elbo: the specialists' ELBO")
     prefix_tokens: int = Field(32, ge=1, description="M: prompt tokens scored (after the start token); SmallTalk LM still beats dense at 32")
-    mc_samples: int = Field(32, ge=2, description="Monte Carlo draws per prompt (masking rates stratified over (0, 1])")
-    seed: int = Field(0, description="seed of the draws: the same request is always routed the same way")
-    batch_size: int = Field(128, gt=0, description="rows (prompt x draw) per forward pass")
+    order: int = Field(3, ge=1, le=6, description="prefix_ngram: n-gram order")
+    discount: float = Field(0.75, gt=0, lt=1, description="prefix_ngram: Kneser-Ney absolute discount")
+    mc_samples: int = Field(32, ge=2, description="prefix_elbo: Monte Carlo draws per prompt (masking rates stratified over (0, 1])")
+    seed: int = Field(0, description="prefix_elbo: seed of the draws: the same request is always routed the same way")
+    batch_size: int = Field(128, gt=0, description="prefix_elbo: rows (prompt x draw) per forward pass")
 
 
 def _prefix_rows(prompts: list[list[int]], cfg: RouterConfig):
@@ -94,10 +106,47 @@ def prefix_elbo(specialists: dict[str, object], prompts: list[list[int]], cfg: R
     return per_prompt.T.float()
 
 
-def route(specialists: dict[str, object], prompts: list[list[int]], cfg: RouterConfig | None = None) -> list[str]:
-    """The user (key of ``specialists``) each prompt is routed to: the lowest prefix ELBO."""
-    names = list(specialists)
-    scores = prefix_elbo(specialists, prompts, cfg)
+def fit_router(sequences: list[list[int]], vocab_size: int, cfg: RouterConfig | None = None) -> NgramLM:
+    """A user's n-gram router: ``cfg.order``-grams of their token ids (documents encoded with the start token)."""
+    cfg = cfg or RouterConfig()
+    return NgramLM.fit(sequences, order=cfg.order, discount=cfg.discount, vocab_size=vocab_size)
+
+
+def prefix_ngram(routers: dict[str, NgramLM], prompts: list[list[int]], cfg: RouterConfig | None = None) -> torch.Tensor:
+    """Cross-entropy in bits/token of each prompt's first M tokens under each user's n-gram router: [P, K]."""
+    cfg = cfg or RouterConfig()
+    if not routers:
+        raise FactoryError("routing needs at least one router")
+    sizes = {lm.vocab_size for lm in routers.values()}
+    if len(sizes) > 1:
+        raise FactoryError(f"the routers were counted over different vocabularies ({sorted(sizes)}): "
+                           f"they must share the general model's tokenizer")
+    ids, am = _prefix_rows(prompts, cfg) if prompts else (torch.zeros(0, 0, dtype=torch.long), None)
+    out = torch.zeros(len(prompts), len(routers))
+    for p in range(len(prompts)):
+        row = ids[p][: int(am[p].sum())].tolist()
+        for k, lm in enumerate(routers.values()):
+            out[p, k] = lm.nll(row) / (len(row) - 1) / math.log(2)
+    return out
+
+
+def prefix_scores(scorers: dict[str, object], prompts: list[list[int]], cfg: RouterConfig | None = None) -> torch.Tensor:
+    """[P, K] bits/token by ``cfg.rule``: ``scorers`` are the users' ``NgramLM`` routers (prefix_ngram)
+    or their specialist denoisers (prefix_elbo)."""
+    cfg = cfg or RouterConfig()
+    want = NgramLM if cfg.rule == "prefix_ngram" else None
+    wrong = [u for u, s in scorers.items() if (want is None) == isinstance(s, NgramLM)]
+    if wrong:
+        need = "an n-gram router (NgramLM)" if want else "a specialist denoiser"
+        raise FactoryError(f"router rule {cfg.rule} needs {need} per user; user {wrong[0]} has another kind")
+    score = prefix_ngram if cfg.rule == "prefix_ngram" else prefix_elbo
+    return score(scorers, prompts, cfg)
+
+
+def route(scorers: dict[str, object], prompts: list[list[int]], cfg: RouterConfig | None = None) -> list[str]:
+    """The user (key of ``scorers``) each prompt is routed to: the lowest prefix score (``prefix_scores``)."""
+    names = list(scorers)
+    scores = prefix_scores(scorers, prompts, cfg)
     return [names[i] for i in scores.argmin(-1).tolist()]
 
 
@@ -122,19 +171,19 @@ def prefix_requests(tokenizer, docs: list[Document], n: int, prefix_tokens: int)
     return out[:n]
 
 
-def routing_accuracy(specialists: dict[str, object], requests: dict[str, list[list[int]]],
+def routing_accuracy(scorers: dict[str, object], requests: dict[str, list[list[int]]],
                      cfg: RouterConfig | None = None) -> dict:
     """Route held-out requests whose user is known; accuracy overall and per user, confusion, cost.
 
-    ``requests`` maps each user (a key of ``specialists``) to its requests. The cost is the
-    wall time of scoring, per request, and the tokens the specialists processed
-    (K specialists x R draws x (1 + M) positions per request).
+    ``scorers`` as in ``prefix_scores``; ``requests`` maps each user (a key of ``scorers``)
+    to its requests. The cost is the wall time of scoring, per request, and for prefix_elbo
+    the positions the specialists processed (K specialists x R draws x (1 + M) per request).
     """
     cfg = cfg or RouterConfig()
-    unknown = sorted(set(requests) - set(specialists))
+    unknown = sorted(set(requests) - set(scorers))
     if unknown:
-        raise FactoryError(f"requests for users without a specialist: {', '.join(unknown)}")
-    names = list(specialists)
+        raise FactoryError(f"requests for users without a router: {', '.join(unknown)}")
+    names = list(scorers)
     prompts, truth = [], []
     for user, reqs in requests.items():
         prompts += reqs
@@ -142,7 +191,7 @@ def routing_accuracy(specialists: dict[str, object], requests: dict[str, list[li
     if not prompts:
         raise FactoryError("no routing requests")
     start = time.perf_counter()
-    scores = prefix_elbo(specialists, prompts, cfg)
+    scores = prefix_scores(scorers, prompts, cfg)
     seconds = time.perf_counter() - start
     picked = [names[i] for i in scores.argmin(-1).tolist()]
     confusion = {u: {v: 0 for v in names} for u in requests}
@@ -157,9 +206,10 @@ def routing_accuracy(specialists: dict[str, object], requests: dict[str, list[li
         "requests": n,
         "per_user": {u: confusion[u][u] / max(1, sum(confusion[u].values())) for u in requests},
         "confusion": confusion,
+        "rule": cfg.rule,
         "prefix_tokens": cfg.prefix_tokens,
-        "mc_samples": cfg.mc_samples,
+        **({"order": cfg.order} if cfg.rule == "prefix_ngram" else
+           {"mc_samples": cfg.mc_samples, "positions_per_request": len(names) * cfg.mc_samples * (1 + cfg.prefix_tokens)}),
         "seconds": seconds,
         "seconds_per_request": seconds / n,
-        "positions_per_request": len(names) * cfg.mc_samples * (1 + cfg.prefix_tokens),
     }

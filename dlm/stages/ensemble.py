@@ -18,7 +18,8 @@ given) and lambda for one user, by ELBO, and runs the validation gate:
 
 The output dir holds ENSEMBLE.json (members pinned by name, version and digest: catalog
 models by their manifest, local dirs by their content digest), tuning.json, gate.json,
-gate.md, eval_results.json (the catalog card's numbers), stage.json, and
+gate.md, eval_results.json (the catalog card's numbers), router.safetensors (the user's
+n-gram router, ``dlm.evaluation.router``), stage.json, and
 ``.ensemble-local.json`` (member paths and the user; a dot-file, never published).
 After publishing the members, ``dlm.checkpoint.ensemble.repin`` pins them to their
 catalog versions. The dir is written even when the gate fails (the report says why):
@@ -27,6 +28,7 @@ publishing checks ``gate.json`` and refuses a failed gate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -50,7 +52,13 @@ from dlm_factory.dlm.checkpoint.record import (
     new_record,
     source_name,
 )
-from dlm_factory.dlm.data.corpus import Windows, code_prompts, rolling_windows
+from dlm_factory.dlm.data.corpus import (
+    Document,
+    Windows,
+    code_prompts,
+    encode_documents,
+    rolling_windows,
+)
 from dlm_factory.dlm.data.users import check_user_id, user_data_digest, user_documents
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.diffusion.ensemble import (
@@ -67,7 +75,8 @@ from dlm_factory.dlm.diffusion.ensemble import (
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.evaluation.gate import GateConfig, read_report, run_gate, write_report
 from dlm_factory.dlm.evaluation.likelihood import paired_elbo
-from dlm_factory.dlm.evaluation.router import RouterConfig
+from dlm_factory.dlm.evaluation.ngram import ROUTER_FILE
+from dlm_factory.dlm.evaluation.router import RouterConfig, fit_router
 from dlm_factory.dlm.paths import atomic_dir
 from dlm_factory.home import factory_home
 
@@ -194,6 +203,22 @@ def sweep(general, specialist, windows: Windows, *, base=None, forms=FORMS, lamb
             "tokens": est["general"].tokens, "mc_samples": est["general"].samples}
 
 
+def user_router(tokenizer, cfg: EnsembleConfig) -> tuple[bytes | None, dict]:
+    """(router.safetensors bytes or None, ENSEMBLE.json's ``router``) for ``cfg.user``.
+
+    prefix_ngram: the user's n-gram router counted on their *train* split (the held-out split
+    stays unseen, as for the specialist), its sha256 and size recorded beside the settings.
+    """
+    settings = cfg.router.model_dump()
+    if cfg.router.rule != "prefix_ngram":
+        return None, settings
+    docs = user_documents(cfg.root(), cfg.user, "train")
+    lm = fit_router(encode_documents(tokenizer, docs), len(tokenizer), cfg.router)
+    data = lm.to_bytes({"user": cfg.user})
+    return data, {**settings, "file": ROUTER_FILE, "sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
+                  "bytes": len(data), "ngrams": len(lm.counts)}
+
+
 def ensemble_key(general, specialist, cfg: EnsembleConfig, base=None) -> StageKey:
     """What decides whether an ensemble dir is done: the members' and the user data's content, the config."""
     inputs = {"general": model_digest(general), "specialist": model_digest(specialist),
@@ -265,8 +290,6 @@ def build_ensemble(general: str | os.PathLike, specialist: str | os.PathLike, ou
     probe = EnsembleDenoiser.combine("product_of_experts", 0.0, dens["general"], dens["specialist"])
     context = None
     if cfg.context:
-        from dlm_factory.dlm.data.corpus import Document, encode_documents
-
         context = encode_documents(loaded["general"].tokenizer, [Document("context", cfg.context)])[0]
     max_pos = EnsembleDenoiser.combine("product_of_experts", 1.0, dens["general"], dens["specialist"],
                                        context=context).max_positions if context else probe.max_positions
@@ -289,9 +312,9 @@ def build_ensemble(general: str | os.PathLike, specialist: str | os.PathLike, ou
         pins["base"] = pin_member(base, "general", names.get("base"))
     if len({p.name for p in pins.values()}) != len(pins):
         raise FactoryError(f"member names must differ: {', '.join(p.name for p in pins.values())} (pass names)")
+    router_bytes, router = user_router(loaded["general"].tokenizer, cfg)
     spec = ensemble_spec(pins["general"], pins["specialist"], chosen_form, chosen_lam,
-                         base=pins.get("base") if chosen_form == EMULATED_FINETUNING else None,
-                         router=cfg.router.model_dump())
+                         base=pins.get("base") if chosen_form == EMULATED_FINETUNING else None, router=router)
 
     # Gate: the chosen ensemble against each member on the test windows, samples on held-out prompts
     ensemble = EnsembleDenoiser.combine(chosen_form, chosen_lam, dens["general"], dens["specialist"],
@@ -332,6 +355,8 @@ def build_ensemble(general: str | os.PathLike, specialist: str | os.PathLike, ou
                                            if p is not None}}
     with atomic_dir(output, overwrite=overwrite) as tmp:
         spec.write(tmp)
+        if router_bytes is not None:
+            (tmp / ROUTER_FILE).write_bytes(router_bytes)
         (tmp / TUNING_FILE).write_text(json.dumps(_finite(tuning), indent=2) + "\n")
         if report is not None:
             report.elbo = _finite(report.elbo)

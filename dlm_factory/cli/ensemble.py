@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(e)
     e.set_defaults(func=_eval)
 
-    r = esub.add_parser("route", help="print the user each prompt is routed to (lowest prefix ELBO of the specialists)")
+    r = esub.add_parser("route", help="print the user each prompt is routed to (lowest prefix score under the users' routers; docs/ensemble.md)")
     r.add_argument("--ensemble", required=True, help="dir of user ensembles (<dir>/<user>/ENSEMBLE.json)")
     r.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for several)")
     r.add_argument("--prefix-tokens", type=int, help="M (default: the ensembles' router setting, else 32)")
@@ -140,23 +140,20 @@ def _eval(args) -> int:
 
 
 def _route(args) -> int:
-    from dlm_factory.dlm.checkpoint.ensemble import load_ensembles
-    from dlm_factory.dlm.evaluation.router import RouterConfig, prefix_elbo
+    from dlm_factory.dlm.checkpoint.ensemble import load_ensembles, routers
+    from dlm_factory.dlm.evaluation.router import prefix_scores
     from dlm_factory.dlm.sampling.generate import encode_prompts
 
     ensembles = load_ensembles(args.ensemble)
     first = next(iter(ensembles.values()))
-    settings = {k: v for k, v in first.router.items() if k in RouterConfig.model_fields}
-    if args.prefix_tokens is not None:
-        settings["prefix_tokens"] = args.prefix_tokens
-    cfg = validated(lambda: RouterConfig(**settings))
+    overrides = {} if args.prefix_tokens is None else {"prefix_tokens": args.prefix_tokens}
+    cfg, scorers = validated(lambda: routers(ensembles, **overrides))
     users = list(ensembles)
-    scores = prefix_elbo({u: e.specialist_denoiser() for u, e in ensembles.items()},
-                         encode_prompts(first.tokenizer, args.prompt), cfg)
+    scores = prefix_scores(scorers, encode_prompts(first.tokenizer, args.prompt), cfg)
     picked = [users[i] for i in scores.argmin(-1).tolist()]
     if args.json:
         print(json.dumps({"users": picked, "scores": [dict(zip(users, row, strict=True)) for row in scores.tolist()],
-                          "prefix_tokens": cfg.prefix_tokens}))
+                          "rule": cfg.rule, "prefix_tokens": cfg.prefix_tokens}))
     else:
         for user in picked:
             print(user)

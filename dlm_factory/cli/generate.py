@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--ensemble", help="an ensemble dir (ENSEMBLE.json), or a dir of user ensembles "
                                           "(<dir>/<user>/ENSEMBLE.json) to route among")
     p.add_argument("--user", help="with --ensemble: the user whose ensemble answers (default: route each "
-                                  "prompt by the specialists' prefix ELBO)")
+                                  "prompt by the users' prefix routers, docs/ensemble.md)")
     p.add_argument("--context", help="with --ensemble: private context text the specialist sees")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--length", type=int, help="response length in tokens (default: 64)")

@@ -41,13 +41,35 @@ def test_generate_with_a_named_user_and_with_routing(capsys, ensembles):
     code, out, _ = run(capsys, "generate", "--ensemble", str(ensembles), "--prompt", "import json\n\ndef load(fp):\n",
                        "--prompt", "from email.message import Message\n", "--length", "8", "--block-size", "8", "--json")
     line = json.loads(out)
-    assert code == 0 and line["routed"] and set(line["users"]) <= {"json", "email"} and len(line["texts"]) == 2
+    assert code == 0 and line["routed"] and line["users"] == ["json", "email"] and len(line["texts"]) == 2
     code, out, _ = run(capsys, "ensemble", "route", "--ensemble", str(ensembles), "--prompt", "x = 1\ny = 2\n", "--json")
     scores = json.loads(out)
     assert code == 0 and scores["users"][0] == min(scores["scores"][0], key=scores["scores"][0].get)
     code, out, _ = run(capsys, "generate", "--ensemble", str(ensembles / "email"), "--prompt", "x = 1\n",
                        "--length", "8", "--block-size", "8", "--json")
     assert code == 0 and json.loads(out)["users"] == ["email"]
+
+
+def test_each_ensemble_carries_its_users_router_and_a_tampered_one_is_refused(capsys, ensembles, tmp_path):
+    spec = json.loads((ensembles / "json" / "ENSEMBLE.json").read_text())
+    router = spec["router"]
+    assert router["rule"] == "prefix_ngram" and router["file"] == "router.safetensors" and router["ngrams"] > 0
+    assert (ensembles / "json" / "router.safetensors").stat().st_size == router["bytes"]
+    copy = tmp_path / "users"
+    shutil.copytree(ensembles, copy)
+    path = copy / "email" / "router.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one count changed
+    path.write_bytes(bytes(data))
+    code, _, err = run(capsys, "ensemble", "route", "--ensemble", str(copy), "--prompt", "x = 1\n")
+    assert_one_line_error(code, err, "router.safetensors", "does not match")
+    path.unlink()
+    code, _, err = run(capsys, "generate", "--ensemble", str(copy), "--prompt", "x = 1\n", "--prompt", "y\n")
+    assert_one_line_error(code, err, "has no router.safetensors")
+    # with one user named, nothing is routed: the router is not needed
+    code, _, _ = run(capsys, "generate", "--ensemble", str(copy), "--user", "email", "--prompt", "x", "--length", "8",
+                     "--block-size", "8")
+    assert code == 0
 
 
 def test_eval_scores_the_ensemble_and_each_member(capsys, ensembles, demo_root):

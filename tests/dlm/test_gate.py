@@ -217,6 +217,8 @@ def test_published_and_pulled_ensemble_loads_with_verified_members(built, tiny_d
     assert sorted(pulled.members) == sorted(m.name for m in read_spec(staged).members)
     ens = load_ensemble(pulled.path)
     assert ens.user == "json" and (ens.form, ens.lam) == (built.form, built.lam)
+    router = ens.router_scorer()  # the user's n-gram router travels with the ensemble, sha256 checked
+    assert router.counts == load_ensemble(built.output).router_scorer().counts and router.counts
     weights = Path(pulled.members["spec-json"]) / "model.safetensors"
     weights.chmod(0o644)
     data = bytearray(weights.read_bytes())
