@@ -43,6 +43,7 @@ from user_models import add_arguments, build, say
 
 from dlm_factory.digest import tokenizer_digest
 from dlm_factory.dlm import runtime
+from dlm_factory.dlm.checkpoint.ensemble import serving
 from dlm_factory.dlm.checkpoint.io import Loaded, load_model, save_model
 from dlm_factory.dlm.checkpoint.record import StageKey, is_done, model_digest, new_record
 from dlm_factory.dlm.data.corpus import (
@@ -141,13 +142,6 @@ def overhead(contenders: dict[str, object], prompt_ids, cfg: SamplerConfig, repe
             for n, s in seconds.items()}
 
 
-def dequantized(path: Path) -> ModelDenoiser:
-    """The specialist at ``path`` with its 4-bit linear layers dequantized to fp32: what the 4-bit CPU kernels cost."""
-    loaded = load_model(path)
-    model = loaded.model.dequantize() if getattr(loaded.model, "hf_quantizer", None) is not None else loaded.model
-    return ModelDenoiser(Loaded(model.float().eval(), loaded.tokenizer, loaded.spec, loaded.path))
-
-
 def step_overhead(general: Path, specialist, specialist_dir: Path, base, sizes: list[tuple[int, int, int]], *, batch: int, prompt: int,
                   length: int, reps: int) -> list[dict]:
     """Time of one cached denoising step (a 33-position window over the block KV cache) of the general
@@ -176,7 +170,7 @@ def step_overhead(general: Path, specialist, specialist_dir: Path, base, sizes: 
     am = torch.ones_like(x)
     block = (prompt, prompt + min(32, length))
     spec_params = sum(p.numel() for p in specialist.model.parameters())
-    s32 = dequantized(specialist_dir)
+    s32 = ModelDenoiser(serving(load_model(specialist_dir)))  # 4-bit weights dequantized to fp32
     out = []
     for label, g in rows:
         dens = {"general": g, "specialist": specialist, "specialist_fp32": s32,
@@ -348,7 +342,7 @@ def main(argv=None) -> int:
     say("overhead")
     u0 = users[0]
     g = ModelDenoiser(load_model(general_dlm))
-    s = ModelDenoiser(load_model(specs[u0][0]))
+    s = ModelDenoiser(serving(load_model(specs[u0][0])))  # as load_ensemble serves it on this device
     b = ModelDenoiser(load_model(small_dlm))
     prompts = code_prompts(user_documents(root, u0, "heldout"), 8, lines=3) or ["def f(x):\n"]
     prompt_ids = encode_prompts(g.tokenizer, prompts)
@@ -363,7 +357,8 @@ def main(argv=None) -> int:
                   "eft@1": EnsembleDenoiser.combine("eft", 1.0, g, s, b)}
     over = overhead(contenders, prompt_ids, ocfg, args.overhead_repeats)
     say("overhead per step vs general size")
-    steps = step_overhead(general_dlm, s, specs[u0][0], b, [] if args.smoke else [(384, 8, 6), (512, 12, 8)],
+    s4 = ModelDenoiser(load_model(specs[u0][0]))  # the 4-bit kernels, for the per-step breakdown
+    steps = step_overhead(general_dlm, s4, specs[u0][0], b, [] if args.smoke else [(384, 8, 6), (512, 12, 8)],
                           batch=len(prompt_ids), prompt=40, length=args.length, reps=3 if args.smoke else 8)
     over_llada = overhead({"general": g, chosen: contenders[chosen]}, prompt_ids,
                           SamplerConfig(sampler="llada", length=args.length, block_size=32, stop_at_eos=False),

@@ -56,6 +56,17 @@ class Runtime:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    @property
+    def serve_4bit_dequantized(self) -> bool:
+        """Serve 4-bit (bitsandbytes) checkpoints dequantized to fp32 on CPU, as stored on CUDA.
+
+        The weights are stored and downloaded 4-bit either way. On CPU, bitsandbytes' 4-bit
+        kernels cost more than the fp32 matmuls of the same dequantized weights at the
+        specialists' widths (docs/ensemble.md: 9.0 vs 6.4 ms per cached step of the demo
+        specialist), and a specialist's fp32 copy is a few MB; on CUDA the 4-bit kernels are
+        what saves memory."""
+        return self.device.type != "cuda"
+
     def generator(self, seed: int) -> torch.Generator:
         """A seeded generator on this device (CUDA sampling ops refuse a CPU generator)."""
         return torch.Generator(device=self.device).manual_seed(seed)

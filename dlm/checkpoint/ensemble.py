@@ -250,6 +250,22 @@ def ensemble_user(directory: str | os.PathLike) -> str | None:
     return _local(d).get("user")
 
 
+def serving(loaded: Loaded) -> Loaded:
+    """``loaded`` as the runtime serves it: a 4-bit model dequantized to fp32 where
+    ``runtime.serve_4bit_dequantized`` (CPU); otherwise unchanged. The values are the ones
+    the 4-bit kernels dequantize to, so the log-probs agree to float rounding. The model is
+    dequantized in place: ``loaded`` is not to be used as 4-bit afterwards."""
+    from dlm_factory.dlm import runtime
+
+    if getattr(loaded.model, "hf_quantizer", None) is None or not runtime.current().serve_4bit_dequantized:
+        return loaded
+    from dlm_factory.dlm.train.qlora import keep_trainable_layout
+
+    keep_trainable_layout(loaded.model)  # undo bitsandbytes' CPU inference repacking, which dequantize() misreads
+    model = loaded.model.dequantize().float().eval()
+    return Loaded(model, loaded.tokenizer, loaded.spec, loaded.path)
+
+
 @dataclass
 class LoadedEnsemble:
     """A loaded, verified ensemble: ``.denoiser()``, ``.generate(...)``, ``.elbo(...)``."""
@@ -290,7 +306,7 @@ class LoadedEnsemble:
         cache = self.__dict__.setdefault("_denoisers", {})
         for key, loaded in (("general", self.general), ("specialist", self.specialist), ("base", self.base)):
             if loaded is not None and key not in cache:
-                cache[key] = ModelDenoiser(loaded)
+                cache[key] = ModelDenoiser(serving(loaded))
         return EnsembleDenoiser.combine(self.form, self.lam if lam is None else lam, cache["general"],
                                         cache["specialist"], cache.get("base"), context=self.context_ids(context))
 

@@ -41,7 +41,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from dlm_factory.digest import json_digest
 from dlm_factory.dlm import runtime
-from dlm_factory.dlm.checkpoint.ensemble import LOCAL_FILE, ensemble_spec, pin_member
+from dlm_factory.dlm.checkpoint.ensemble import LOCAL_FILE, ensemble_spec, pin_member, serving
 from dlm_factory.dlm.checkpoint.io import load_model
 from dlm_factory.dlm.checkpoint.record import (
     RECORD_FILE,
@@ -285,7 +285,7 @@ def build_ensemble(general: str | os.PathLike, specialist: str | os.PathLike, ou
     for role, lo in loaded.items():
         if lo.spec is None:
             raise FactoryError(f"{role} model is an autoregressive checkpoint (no diffusion.json); convert it first")
-    dens = {role: ModelDenoiser(lo) for role, lo in loaded.items()}
+    dens = {role: ModelDenoiser(serving(lo)) for role, lo in loaded.items()}  # as load_ensemble serves them
     check_shared_tokenizer(dens)  # one error line before any data is read
     probe = EnsembleDenoiser.combine("product_of_experts", 0.0, dens["general"], dens["specialist"])
     context = None
