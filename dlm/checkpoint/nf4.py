@@ -92,8 +92,9 @@ def store_embeddings_4bit(model_dir: str | os.PathLike, keys: list[str], *, doub
 def load_embeddings_4bit(model, model_dir: Path, record, where: str) -> list[str]:
     """Dequantize the tensors ``record`` (``config.json[CONFIG_KEY]``) names into ``model``; returns their keys.
 
-    The record leaves the in-memory config: the model now holds them dense, and saving it again
-    writes them dense (a consistent checkpoint of the old format).
+    The record leaves the in-memory config: the model holds them dense now. (transformers 5.24
+    cannot save a model loaded from a 4-bit checkpoint again: ``Bnb4bitDeserialize`` has no
+    reverse; a 4-bit checkpoint is made from full-precision weights, ``dlm.train.qlora.export_4bit``.)
     """
     import bitsandbytes.functional as bnbf
     from safetensors import safe_open
