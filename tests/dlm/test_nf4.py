@@ -130,3 +130,17 @@ def test_a_missing_embeddings_file_is_one_error(tiny_4bit, tmp_path):
     (bad / EMBEDDINGS_FILE).unlink()
     with pytest.raises(FactoryError, match="not a regular file"):
         load_model(bad)
+
+
+def test_catalog_publish_pull_load_keeps_the_nf4_embeddings(tiny_4bit, tmp_path):
+    """The extra weights file is listed with its sha256 like any other; the pulled copy loads the same."""
+    from dlm_factory.catalog import Catalog
+
+    dest, _ = tiny_4bit
+    cat = Catalog(f"file://{tmp_path / 'bucket'}", cache_dir=tmp_path / "cache")
+    res = cat.publish(dest, "spec-mail", kind="specialist", user="mail")
+    assert EMBEDDINGS_FILE in {f.path for f in res.manifest.files}
+    cat.pull("spec-mail", tmp_path / "pulled")
+    pulled, local = load_model(tmp_path / "pulled"), load_model(dest)
+    assert torch.equal(pulled.model.lm_head.weight, local.model.lm_head.weight)
+    assert torch.equal(pulled.model.get_input_embeddings().weight, local.model.get_input_embeddings().weight)
