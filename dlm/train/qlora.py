@@ -115,9 +115,25 @@ def keep_trainable_layout(model) -> int:
             module.support_avx512bf16_for_cpu = False
             w = module.weight
             if getattr(w.quant_state, "packing_format_for_cpu", False):
-                w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+                w.data, w.quant_state = _unpack_for_cpu(w.data, w.quant_state, _convert_weight_packed_for_cpu_inverse)
             n += 1
     return n
+
+
+def _unpack_for_cpu(packed, state, inverse):
+    """bitsandbytes' inverse of its CPU repacking, with the block constants of single quantization restored.
+
+    The repacking stores the constants transposed, ``[K / blocksize, N]`` in bf16; bitsandbytes 0.50's
+    inverse restores them only for double quantization and leaves a single-quantized layer's transposed:
+    every layer with more than one block per row (in_features > 64) then dequantizes with permuted
+    constants (measured: a 64 x 192 ``down_proj`` off by up to 0.27 in weights of at most 0.3). Here
+    they go back to the original order, as fp32 (their values keep the repacking's bf16 rounding).
+    """
+    nested = state.original_nested
+    qweight, state = inverse(packed, state)
+    if not nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.reshape(-1).float().contiguous()
+    return qweight, state
 
 
 def save_adapter(peft_model, dest: Path) -> Path:

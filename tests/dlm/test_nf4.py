@@ -144,3 +144,29 @@ def test_catalog_publish_pull_load_keeps_the_nf4_embeddings(tiny_4bit, tmp_path)
     pulled, local = load_model(tmp_path / "pulled"), load_model(dest)
     assert torch.equal(pulled.model.lm_head.weight, local.model.lm_head.weight)
     assert torch.equal(pulled.model.get_input_embeddings().weight, local.model.get_input_embeddings().weight)
+
+
+def test_undoing_the_cpu_inference_layout_keeps_single_quantized_weights(tiny_4bit):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit layer at its first eval forward; undoing it
+    (``keep_trainable_layout``, before training or dequantized serving) must give back the weights.
+    bitsandbytes 0.50's inverse leaves single-quantized block constants transposed: the 128-wide
+    ``down_proj`` (two blocks a row) came back permuted."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.nn import Linear4bit
+
+    from dlm_factory.dlm.train.qlora import keep_trainable_layout
+
+    dest, export = tiny_4bit
+    assert export["double_quant"] is False
+    q = load_model(dest).model
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, Linear4bit)}
+    before = {n: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).float() for n, m in layers.items()}
+    with torch.no_grad():
+        q(torch.randint(10, 500, (1, 16)))
+    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers.values()):
+        pytest.skip("bitsandbytes did not repack on this CPU (no AVX512-BF16)")
+    keep_trainable_layout(q)
+    for n, m in layers.items():
+        after = bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        # the repacking rounds the block constants to bf16: 2^-8 relative at most
+        assert torch.allclose(after, before[n], rtol=2 ** -8, atol=1e-6), (n, (after - before[n]).abs().max())
