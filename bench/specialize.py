@@ -13,7 +13,9 @@ Measured in ONE run:
    differences are paired: the user's specialist (merged 4-bit, as served) vs the
    untuned specialist base, vs the general model, and vs another user's specialist.
 2. Size and merge loss, from each specialist's stage record: linear-layer and whole-
-   checkpoint bytes of the 4-bit model relative to bf16, and the held-out ELBO change from
+   checkpoint bytes of the 4-bit model relative to bf16 (embeddings and an untied head are
+   stored NF4 too: ``dlm.checkpoint.nf4``), the bytes with and without double quantization
+   of the linear layers (the export keeps the smaller), and the held-out ELBO change from
    the adapter-on-4-bit model (what was trained) to the merged 4-bit model (what ships).
 3. Wall time of two users' specialists trained one after the other vs at once in two
    threads of one process (as the flow runs them), alternated ``--repeats`` times, the
@@ -93,7 +95,7 @@ def sizes(m) -> list[dict]:
         out.append({"user": user, "bytes_4bit": r["bytes"]["merged_4bit"], "bytes_bf16": r["bytes"]["merged_bf16"],
                     "ratio": r["bytes_ratio_4bit_vs_bf16"], "merge_change_relative": r["merge_change_relative"],
                     "adapter_4bit": r["elbo"]["adapter_4bit"], "merged_4bit": r["elbo"]["merged_4bit"],
-                    "merged_bf16": r["elbo"]["merged_bf16"]})
+                    "merged_bf16": r["elbo"]["merged_bf16"], "export": r.get("export")})
     return out
 
 
@@ -164,11 +166,16 @@ def markdown(r0: dict) -> str:
               f"{f(r['general-own'])} | {f(r['other-own'])} ({r['other_user']}) |")
     out.append("\nbits/token on the user's held-out split; a difference > 0 means the user's own specialist is better "
           "(paired on shared draws, ± one standard error).")
-    out.append("\n| user | 4-bit / bf16 bytes, linear layers | whole checkpoint | ELBO adapter on 4-bit | merged 4-bit | "
-          "merged bf16 | merge change |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    out.append("\n| user | bytes bf16 | 4-bit | 4-bit / bf16, linear layers | whole checkpoint | "
+               "double quant (bytes with / without) | ELBO adapter on 4-bit | merged 4-bit | merged bf16 | merge change |")
+    out.append("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in r0["size"]:
-        out.append(f"| {r['user']} | {r['ratio']['linear']:.3f} | {r['ratio']['checkpoint']:.3f} | "
+        ex = r.get("export") or {}
+        both = ex.get("checkpoint_bytes", {})
+        dq = (f"{'yes' if ex.get('double_quant') else 'no'} ({both.get('double_quant', '-')} / "
+              f"{both.get('single_quant', '-')})") if ex else "-"
+        out.append(f"| {r['user']} | {r['bytes_bf16']['checkpoint']} | {r['bytes_4bit']['checkpoint']} | "
+              f"{r['ratio']['linear']:.3f} | {r['ratio']['checkpoint']:.3f} | {dq} | "
               f"{r['adapter_4bit']['bits_per_token']:.3f} | {r['merged_4bit']['bits_per_token']:.3f} | "
               f"{r['merged_bf16']['bits_per_token']:.3f} | {100 * r['merge_change_relative']:+.2f}% |")
     t = r0["timing"]

@@ -8,6 +8,7 @@ Models are placed on the device of ``dlm.runtime`` when loaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dlm_factory.digest import tokenizer_digest
 from dlm_factory.dlm import runtime
+from dlm_factory.dlm.checkpoint import nf4
 from dlm_factory.dlm.checkpoint.record import RECORD_FILE, StageRecord
 from dlm_factory.dlm.checkpoint.spec import SPEC_FILE, DiffusionSpec
 from dlm_factory.dlm.checkpoint.weights import weight_files
@@ -76,7 +78,8 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     (default: the runtime's). Weights stay ``dtype`` (fp32): the precision policy is autocast.
 
     ``quantization``: a transformers ``BitsAndBytesConfig`` to load the linear layers
-    quantized (QLoRA); a checkpoint saved quantized loads quantized by itself.
+    quantized (QLoRA); a checkpoint saved quantized loads quantized by itself, and
+    embeddings stored NF4 beside it (``dlm.checkpoint.nf4``) are dequantized into it.
 
     Diffusion checkpoints (with ``diffusion.json``) get their attention modules
     marked non-causal; callers still pass explicit masks (see dlm.diffusion.forward).
@@ -97,10 +100,14 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         raise FactoryError(f"{where}: no usable tokenizer ({e})") from e
     device = torch.device(device) if device is not None else runtime.current().device
     quantized = quantization is not None or getattr(config, "quantization_config", None) is not None
+    nf4_record = getattr(config, nf4.CONFIG_KEY, None)
     model = _from_pretrained(path, dtype, where, getattr(config, "model_type", "?"),
-                             quantization=quantization, device=device if quantized else None)
+                             quantization=quantization, device=device if quantized else None,
+                             quiet=nf4_record is not None)
     if not quantized:  # quantized weights are placed by the loader (they refuse .to())
         model.to(device)
+    if nf4_record is not None:  # embeddings (and an untied head) stored NF4 beside model.safetensors
+        nf4.load_embeddings_4bit(model, path, nf4_record, where)
     model.eval()
     spec = DiffusionSpec.read(path) if (path / SPEC_FILE).is_file() else None
     if spec is not None:
@@ -117,16 +124,20 @@ LOAD_LOCK = threading.RLock()
 
 
 def _from_pretrained(path: Path, dtype: torch.dtype, where: str, model_type: str, *, quantization=None,
-                     device: torch.device | None = None):
+                     device: torch.device | None = None, quiet: bool = False):
     """The model with SDPA attention where the architecture has it, else eager (Gemma2 and others).
 
     Both honour the additive float mask the diffusion forward passes. Any other failure
-    of an architecture this transformers cannot build is one FactoryError line.
+    of an architecture this transformers cannot build is one FactoryError line. ``quiet``:
+    transformers' warnings are silenced (its load report would call the NF4 embeddings, which
+    ``load_model`` fills in afterwards, missing and the checkpoint corrupted).
     """
+    from transformers.utils import logging as hf_logging
+
     last: Exception | None = None
     for attn in ("sdpa", "eager"):
         try:
-            with LOAD_LOCK, warnings.catch_warnings():
+            with LOAD_LOCK, warnings.catch_warnings(), _verbosity(hf_logging, hf_logging.ERROR if quiet else None):
                 warnings.simplefilter("ignore")
                 extra = {} if device is None else {"device_map": {"": str(device)}}
                 if quantization is not None:
@@ -144,6 +155,18 @@ def _from_pretrained(path: Path, dtype: torch.dtype, where: str, model_type: str
             break
     first = str(last).strip().splitlines()[0] if last and str(last).strip() else type(last).__name__
     raise FactoryError(f"{where}: cannot load this {model_type} checkpoint ({first})") from last
+
+
+@contextlib.contextmanager
+def _verbosity(hf_logging, level: int | None):
+    """transformers' log level set to ``level`` (None: unchanged) inside the block (callers hold LOAD_LOCK)."""
+    before = hf_logging.get_verbosity()
+    if level is not None:
+        hf_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def set_bidirectional(model) -> None:

@@ -8,7 +8,8 @@ name ``adapter_model.bin``), and an ``adapter_config.json`` whose adapter PEFT r
 ``adapter_model.bin`` when there is no ``adapter_model.safetensors``. :func:`weight_files`
 replays transformers' own order for a local dir (``model.safetensors``, else the safetensors
 index) and refuses everything else, so what transformers then loads is exactly the list
-returned here.
+returned here (plus the NF4 embeddings file that ``load_model`` reads itself when
+``config.json`` records one: ``dlm.checkpoint.nf4``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dlm_factory.dlm.checkpoint.nf4 import CONFIG_KEY as NF4_KEY
+from dlm_factory.dlm.checkpoint.nf4 import EMBEDDINGS_FILE as NF4_FILE
 from dlm_factory.dlm.errors import FactoryError
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -44,15 +47,21 @@ def weight_files(path: str | Path, where: str | None = None) -> list[Path]:
     if (path / "adapter_config.json").exists() and not _regular(path / "adapter_model.safetensors", root):
         raise FactoryError(f"{where}: adapter_config.json without adapter_model.safetensors (pickle adapters "
                            f"are refused)")
+    extra = []  # read by load_model itself, after transformers (dlm.checkpoint.nf4)
+    if isinstance(config, dict) and config.get(NF4_KEY) is not None:
+        if not _regular(path / NF4_FILE, root):
+            raise FactoryError(f"{where}: config.json records 4-bit embeddings ({NF4_KEY}) but {NF4_FILE} is not "
+                               f"a regular file inside the checkpoint dir")
+        extra = [path / NF4_FILE]
     if (path / SAFE_WEIGHTS).exists() or (path / SAFE_WEIGHTS).is_symlink():
         if not _regular(path / SAFE_WEIGHTS, root):
             raise FactoryError(f"{where}: {SAFE_WEIGHTS} is not a regular file inside the checkpoint dir")
         files = [path / SAFE_WEIGHTS]
         if (path / SAFE_INDEX).exists():  # transformers ignores it then; it must still be sound
             _shards(path, root, where)
-        return files
+        return files + extra
     if (path / SAFE_INDEX).exists():
-        return _shards(path, root, where)
+        return _shards(path, root, where) + extra
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     loose = sorted(p.name for p in path.glob("*.safetensors"))
     if loose:

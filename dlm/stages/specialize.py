@@ -11,10 +11,13 @@ every attention and MLP projection with the masked-diffusion objective
 Output (one dir, written atomically):
 
     <output>/                 the merged specialist, 4-bit: loads with one ``load_model`` call
-      model.safetensors, config.json (quantization_config), tokenizer, diffusion.json, stage.json
+      model.safetensors         linear layers NF4 (bitsandbytes Linear4bit), norms bf16
+      embeddings.nf4.safetensors  token embeddings (and an untied head) NF4 (dlm.checkpoint.nf4)
+      config.json (quantization_config, dlm_4bit_embeddings), tokenizer, diffusion.json, stage.json
       adapter/                the LoRA adapter alone (safetensors) and base.json (its base by digest)
 
-The merged model is W + BA merged in full precision, then quantized once. The stage
+The merged model is W + BA merged in full precision, then quantized once (double
+quantization of the linear layers only where it stores fewer bytes). The stage
 record keeps, on the user's held-out split and on shared Monte Carlo draws, the ELBO of
 the untuned base, the adapter on the 4-bit base (what was trained), the merged model in
 bf16 and the merged 4-bit model, with their paired differences, and the bytes of each
@@ -59,11 +62,11 @@ from dlm_factory.dlm.train.loop import train
 from dlm_factory.dlm.train.qlora import (
     ADAPTER_DIR,
     QLoraConfig,
-    bnb_config,
-    linear_bytes,
+    export_4bit,
     load_qlora,
     merge_adapter,
     save_adapter,
+    stored_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -159,11 +162,11 @@ def specialize(model: str | os.PathLike, data_root: str, user: str, output: str 
         merged = merge_adapter(model, adapter)  # W + BA in full precision
         merged.model.to(torch.bfloat16)
         save_model(merged, tmp / "bf16", overwrite=True)  # the reference: the merge stored in bf16
-        quantized = load_model(tmp / "bf16", quantization=bnb_config(cfg.qlora), dtype=torch.bfloat16)
-        save_model(quantized, tmp / "4bit", overwrite=True)  # linear layers 4-bit, the rest bf16
+        export = export_4bit(tmp / "bf16", tmp / "4bit", cfg.qlora)  # linear layers, embeddings, untied head: NF4
         variants = {"untuned": load_model(model), "adapter_4bit": loaded, "merged_bf16": load_model(tmp / "bf16"),
                     "merged_4bit": load_model(tmp / "4bit")}  # what users load, as they load it
         report = _figures(variants, windows, cfg, {"merged_bf16": tmp / "bf16", "merged_4bit": tmp / "4bit"})
+        report["export"] = export
         record = new_record(key, sources={"base": source_name(model), "data": f"user {user}", "user": user},
                             ar_root=spec.source, runtime=runtime.current().describe(),
                             result={"user": user, "train_documents": len(train_docs),
@@ -179,17 +182,12 @@ def specialize(model: str | os.PathLike, data_root: str, user: str, output: str 
 
 
 def _figures(variants: dict[str, Loaded], windows, cfg: SpecializeConfig, dirs: dict[str, Path]) -> dict:
-    """Held-out ELBO of every variant on shared draws (paired differences vs untuned), and their bytes:
-    the quantizable linear layers (weights and quantization state) and the whole safetensors checkpoint."""
+    """Held-out ELBO of every variant on shared draws (paired differences vs untuned), and their bytes as
+    stored: the quantizable linear layers (weights and quantization state) and the whole checkpoint."""
     est = paired_elbo({name: ModelDenoiser(v) for name, v in variants.items()}, windows.ids,
                       attention_mask=windows.attention_mask, keep=windows.keep, n=cfg.mc_samples, seed=0)
     elbo = {k: {"bits_per_token": round(e.bits_per_token, 4), "stderr": round(e.stderr, 4)} for k, e in est.items()}
-    sizes = {}
-    for name, path in dirs.items():
-        stored = load_model(path, dtype=torch.bfloat16) if name == "merged_bf16" else variants[name]
-        linear, _ = linear_bytes(stored.model)
-        sizes[name] = {"linear": int(linear),
-                       "checkpoint": sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))}
+    sizes = {name: stored_bytes(path, variants["merged_bf16"].model) for name, path in dirs.items()}
     ratio = {k: round(sizes["merged_4bit"][k] / sizes["merged_bf16"][k], 4) for k in ("linear", "checkpoint")}
     trained = est["adapter_4bit"].bits_per_token
     return {"elbo": elbo, "tokens": est["untuned"].tokens, "bytes": sizes, "bytes_ratio_4bit_vs_bf16": ratio,

@@ -8,13 +8,14 @@ objective is the core's masked-diffusion loss: the adapters plug into the one
 training loop like any other trainable parameters.
 
 bitsandbytes quantizes ``nn.Linear`` layers only: token embeddings (and the output
-head, which transformers keeps in full precision so the logits stay exact) stay in
-the base's dtype. ``export`` therefore reports linear-layer and whole-checkpoint bytes
-separately.
+head, which transformers keeps in full precision) stay in the base's dtype while
+training; the exported model stores them NF4 too (``dlm.checkpoint.nf4``).
+``stored_bytes`` reports linear-layer and whole-checkpoint bytes separately.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,7 +24,14 @@ import torch
 from pydantic import BaseModel, Field
 
 from dlm_factory.dlm import runtime
-from dlm_factory.dlm.checkpoint.io import LOAD_LOCK, Loaded, load_model, set_bidirectional
+from dlm_factory.dlm.checkpoint.io import (
+    LOAD_LOCK,
+    Loaded,
+    load_model,
+    save_model,
+    set_bidirectional,
+)
+from dlm_factory.dlm.checkpoint.nf4 import embedding_keys, store_embeddings_4bit
 from dlm_factory.dlm.errors import FactoryError
 
 log = logging.getLogger(__name__)
@@ -49,11 +57,15 @@ class QLoraConfig(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
     target_modules: str | list[str] = Field("all-linear", description="peft target modules: every linear projection (attention and MLP) but the output head")
     quant_type: str = Field("nf4", pattern="^(nf4|fp4)$", description="4-bit data type (NF4: QLoRA's NormalFloat)")
-    double_quant: bool = Field(True, description="quantize the quantization constants too (QLoRA)")
+    double_quant: bool = Field(True, description="quantize the quantization constants too (QLoRA), while training")
+    export_double_quant: bool | None = Field(
+        None, description="double quantization of the exported 4-bit model; None: whichever stores fewer bytes "
+                          "(measured: it saves 3 bytes per block of 64 but stores a 1 KiB code per tensor)")
 
 
-def bnb_config(cfg: QLoraConfig):
-    """The transformers ``BitsAndBytesConfig`` of ``cfg`` on the runtime's device."""
+def bnb_config(cfg: QLoraConfig, *, double_quant: bool | None = None):
+    """The transformers ``BitsAndBytesConfig`` of ``cfg`` on the runtime's device (``double_quant``
+    overrides ``cfg.double_quant``)."""
     try:
         from transformers import BitsAndBytesConfig
     except ImportError as e:  # pragma: no cover - transformers always has it
@@ -61,7 +73,7 @@ def bnb_config(cfg: QLoraConfig):
     rt = runtime.current()
     compute = torch.bfloat16 if rt.precision("auto") == "bf16" else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_use_double_quant=cfg.double_quant if double_quant is None else double_quant, bnb_4bit_compute_dtype=compute)
 
 
 def load_qlora(model: str | os.PathLike, cfg: QLoraConfig) -> Loaded:
@@ -103,9 +115,25 @@ def keep_trainable_layout(model) -> int:
             module.support_avx512bf16_for_cpu = False
             w = module.weight
             if getattr(w.quant_state, "packing_format_for_cpu", False):
-                w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+                w.data, w.quant_state = _unpack_for_cpu(w.data, w.quant_state, _convert_weight_packed_for_cpu_inverse)
             n += 1
     return n
+
+
+def _unpack_for_cpu(packed, state, inverse):
+    """bitsandbytes' inverse of its CPU repacking, with the block constants of single quantization restored.
+
+    The repacking stores the constants transposed, ``[K / blocksize, N]`` in bf16; bitsandbytes 0.50's
+    inverse restores them only for double quantization and leaves a single-quantized layer's transposed:
+    every layer with more than one block per row (in_features > 64) then dequantizes with permuted
+    constants (measured: a 64 x 192 ``down_proj`` off by up to 0.27 in weights of at most 0.3). Here
+    they go back to the original order, as fp32 (their values keep the repacking's bf16 rounding).
+    """
+    nested = state.original_nested
+    qweight, state = inverse(packed, state)
+    if not nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.reshape(-1).float().contiguous()
+    return qweight, state
 
 
 def save_adapter(peft_model, dest: Path) -> Path:
@@ -131,19 +159,53 @@ def merge_adapter(base_model: str | os.PathLike, adapter: str | os.PathLike) -> 
     return Loaded(merged.eval(), loaded.tokenizer, loaded.spec, loaded.path)
 
 
-def linear_bytes(model) -> tuple[int, int]:
-    """(bytes of the quantizable linear layers' weights and quantization state, bytes of everything).
+def export_4bit(bf16_dir: str | os.PathLike, dest: str | os.PathLike, cfg: QLoraConfig) -> dict:
+    """The bf16 checkpoint ``bf16_dir`` stored 4-bit in ``dest`` (a new dir): the linear layers as
+    bitsandbytes ``Linear4bit`` (transformers' format), the embeddings and an untied head NF4
+    beside them (``dlm.checkpoint.nf4``); ``load_model(dest)`` loads it.
 
-    The output head is not counted as a quantizable linear layer: it stays in full precision.
+    With ``cfg.export_double_quant`` None both forms of the linear layers are written and the one
+    with fewer bytes kept (the embeddings take the smaller form per tensor). Returns
+    ``{"double_quant": chosen, "checkpoint_bytes": {"double_quant": n, "single_quant": n}}``.
     """
-    linear = total = 0
+    import shutil
+
+    dest = Path(dest)
+    choices = [True, False] if cfg.export_double_quant is None else [cfg.export_double_quant]
+    sizes: dict[bool, int] = {}
+    for dq in choices:
+        out = dest.with_name(f"{dest.name}.{'dq' if dq else 'sq'}")
+        q = load_model(bf16_dir, quantization=bnb_config(cfg, double_quant=dq), dtype=torch.bfloat16)
+        save_model(q, out, overwrite=True)
+        store_embeddings_4bit(out, embedding_keys(q.model), double_quant=cfg.export_double_quant)
+        sizes[dq] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    best = min(choices, key=lambda dq: (sizes[dq], dq))  # a tie keeps single quantization (exact block constants)
+    for dq in choices:
+        out = dest.with_name(f"{dest.name}.{'dq' if dq else 'sq'}")
+        if dq == best:
+            out.rename(dest)
+        else:
+            shutil.rmtree(out)
+    names = {True: "double_quant", False: "single_quant"}
+    return {"double_quant": best, "checkpoint_bytes": {names[dq]: n for dq, n in sizes.items()}}
+
+
+def stored_bytes(model_dir: str | os.PathLike, model) -> dict[str, int]:
+    """Bytes of a saved checkpoint: ``linear``, the tensors stored for the quantizable linear layers of
+    ``model`` (weights and quantization state, file headers left out; the output head is not one of
+    them), and ``checkpoint``, the size of every ``*.safetensors`` file (headers included).
+
+    Read from the files' safetensors headers (JSON only), so it counts exactly what is stored.
+    """
     head = model.get_output_embeddings()
-    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    for key, tensor in model.state_dict().items():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        n = tensor.numel() * tensor.element_size()
-        total += n
-        if any(key.startswith(name + ".") for name in names):
-            linear += n
-    return linear, total
+    names = tuple(n + "." for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    linear = total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        total += f.stat().st_size
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, entry in header.items():
+            if key != "__metadata__" and key.startswith(names):
+                start, end = entry["data_offsets"]
+                linear += end - start
+    return {"linear": linear, "checkpoint": total}

@@ -44,9 +44,11 @@ def test_specialist_is_a_4bit_dlm_with_its_adapter(specialist, tiny_dlm):
     assert not list(out.rglob("*.bin"))
     rep = result.report
     assert set(rep["elbo"]) >= {"untuned", "adapter_4bit", "merged_bf16", "merged_4bit", "adapter_4bit-untuned"}
-    # 4 bits a weight plus NF4 block constants (double-quantized): well under half of bf16 even this small
-    assert rep["bytes"]["merged_4bit"]["linear"] < 0.4 * rep["bytes"]["merged_bf16"]["linear"]
-    assert rep["bytes"]["merged_4bit"]["checkpoint"] < rep["bytes"]["merged_bf16"]["checkpoint"]
+    # 4 bits a weight plus NF4 block constants; the embedding and the untied head are NF4 too (measured on
+    # this 64-wide model with a 512-token vocabulary: 0.29x linear, 0.31x whole checkpoint; 0.72x before)
+    assert rep["bytes"]["merged_4bit"]["linear"] < 0.3 * rep["bytes"]["merged_bf16"]["linear"]
+    assert rep["bytes"]["merged_4bit"]["checkpoint"] < 0.33 * rep["bytes"]["merged_bf16"]["checkpoint"]
+    assert (out / "embeddings.nf4.safetensors").is_file() and rep["export"]["double_quant"] is False
 
 
 def test_unchanged_data_is_done_and_changed_data_is_not(specialist, tiny_dlm, users):
