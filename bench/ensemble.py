@@ -302,7 +302,8 @@ def main(argv=None) -> int:
 
     # 1 + 2: per user, the diffusion ensemble (tuned, gated) and the AR collaboration
     t_measure = time.perf_counter()
-    sampler = SamplerConfig(length=args.length, block_size=32, stop_at_eos=True)
+    gate_sampler = GateConfig().sampler  # the gate's own (random-order ancestral, t = 1), at the bench's length
+    sampler = gate_sampler.model_copy(update={"length": args.length, "block_size": min(gate_sampler.block_size, args.length)})
     per_user = {}
     for u in users:
         say(f"ensemble for {u}")
