@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm_factory.dlm.checkpoint.io import Loaded, load_model, set_bidirectional
+from dlm_factory.dlm.checkpoint.io import Loaded, load_model
 from dlm_factory.dlm.checkpoint.record import StageRecord
 from dlm_factory.dlm.diffusion.block_causal import (
     BlockCausalCache,
@@ -25,6 +25,7 @@ from dlm_factory.dlm.diffusion.block_causal import (
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
+from tests.dlm.helpers import sharp_llama
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,16 +49,8 @@ def block_spec(spec, size: int | None):
 
 @pytest.fixture(scope="module")
 def rand(dlm):
-    """Random Llama (its attention is set by the 4D masks passed in) with the tiny tokenizer, shift on."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(dlm.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.3)
-    model = LlamaForCausalLM(config).eval()
-    set_bidirectional(model)
-    return model
+    """Random Llama (attention set by the 4D masks passed in) with the tiny tokenizer."""
+    return sharp_llama(len(dlm.tokenizer))
 
 
 def test_groups_and_mask_golden():
