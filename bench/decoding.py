@@ -18,9 +18,11 @@ other jobs hits all alike:
    AR (total tokens over total seconds, and the median of per-prompt ratios), mean tokens
    committed per verification round (accepted drafts + the verifier's token), draft acceptance,
    mean k, drafter positions processed per committed token.
-2. diffusion: pure diffusion (threshold sampler, dual cache) of each drafter vs AR greedy
+2. diffusion: pure diffusion (threshold sampler; dual cache, or the exact block cache for a
+   block-causal model made by ``factory distill --block-causal N``) of each drafter vs AR greedy
    generate() on the same batches, all decoding exactly L tokens: tokens/s, tokens committed per
-   step, judge NLL ± standard error, paired Δ vs AR greedy, distinct-2, longest repeat.
+   step, denoising steps/s, judge NLL ± standard error, paired Δ vs AR greedy, distinct-2,
+   longest repeat.
 3. collapse: samples at temperature 1 (LLaDA low-confidence remasking, random-order ancestral
    sampling, threshold) of each DLM vs the AR model's own samples at temperature 1: distinct-1,
    distinct-2, longest repeated n-gram, share of the most frequent token, judge NLL, paired Δ vs AR.
@@ -59,6 +61,7 @@ from bench.sampling import (
 from dlm_factory.dlm.checkpoint.io import load_model
 from dlm_factory.dlm.checkpoint.record import lineage_root
 from dlm_factory.dlm.data.corpus import stdlib_documents
+from dlm_factory.dlm.diffusion.block_causal import trained_block_size
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.evaluation.metrics import paired_difference
 from dlm_factory.dlm.sampling.generate import ar_generate, encode_prompts
@@ -173,6 +176,7 @@ def score(contenders: list[Contender], judge, tok, texts: list[str], length: int
         q = quality(judge, tok, texts, c.outputs)
         rows[c.name] = {"seconds": c.seconds, "tokens_per_s": len(texts) * length / c.seconds,
                         "tokens_per_step": length * c.batches / max(c.steps, 1),
+                        "steps_per_s": c.steps / c.seconds,
                         "distinct_1": distinct_1(c.outputs), "top_token_share": top_token_share(c.outputs), **q}
     ref = rows[reference]
     for r in rows.values():
@@ -186,10 +190,11 @@ def diffusion_section(denoisers: dict[str, ModelDenoiser], ar, judge, texts, pro
     L = args.diffusion_length
     contenders = [Contender("AR generate() greedy", autoregressive(ar, L, 0.0, seed=0))]
     for name, d in denoisers.items():
+        cache = "block" if trained_block_size(d.spec) else "dual"  # a block-causal model: its exact block cache
         for tau in [float(x) for x in args.thresholds.split(",")]:
-            cfg = SamplerConfig(sampler="threshold", length=L, cache="dual", threshold=tau,
+            cfg = SamplerConfig(sampler="threshold", length=L, cache=cache, threshold=tau,
                                 block_size=args.block_size, stop_at_eos=False)
-            contenders.append(Contender(f"{name} threshold tau={tau:g}", diffusion(d, cfg)))
+            contenders.append(Contender(f"{name} {cache} cache tau={tau:g}", diffusion(d, cfg)))
     run_interleaved(contenders, prompt_ids, args.batch_size)
     return score(contenders, judge, ar.tokenizer, texts, L, "AR generate() greedy")
 
@@ -274,13 +279,13 @@ def markdown(report: dict) -> str:
             continue
         sec = report[key]
         out += ["", f"### {title} (length {sec['length']}, {sec['prompts']} prompts, batch {sec['batch_size']})", "",
-                f"| contender | tok/s | x {ref} | tokens/step | judge NLL ± se | Δ vs {ref} (paired) | distinct-1 | "
+                f"| contender | tok/s | x {ref} | tokens/step | steps/s | judge NLL ± se | Δ vs {ref} (paired) | distinct-1 | "
                 "distinct-2 | longest repeat | top-token share |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in sec["rows"].items():
             d = r["nll_vs_ref"]
             out.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speed_vs_ref']:.2f} | {r['tokens_per_step']:.2f} | "
-                       f"{_pm(r['judge_nll'], r['judge_nll_se'])} | {d['diff']:+.3f} ± {d['se']:.3f} | "
+                       f"{r['steps_per_s']:.1f} | {_pm(r['judge_nll'], r['judge_nll_se'])} | {d['diff']:+.3f} ± {d['se']:.3f} | "
                        f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['longest_repeat']:.1f} | "
                        f"{r['top_token_share']:.3f} |")
     if "collapse" in report:

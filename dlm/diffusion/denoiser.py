@@ -132,6 +132,12 @@ class ModelDenoiser:
         out = base(input_ids=ids[:, a:b], **kw) if base is not None else self.model(input_ids=ids[:, a:b], **kw)
         return self._window_log_probs(out.last_hidden_state if base is not None else out.logits, cache, offset=a)
 
+    def causal_blocks(self, attention_mask: torch.Tensor, block_size: int):
+        """The exact block KV cache of a block-causal model (``block_causal.BlockCausalCache``), one per decode."""
+        from dlm_factory.dlm.diffusion.block_causal import BlockCausalCache
+
+        return BlockCausalCache(self.model, attention_mask, block_size, self.spec.shift)
+
     def _window_log_probs(self, states, cache: BlockCache, offset: int) -> torch.Tensor:
         """Hidden states (or logits, for exotic heads) whose column 0 is position ``offset`` -> block log-probs."""
         s, e = cache.block

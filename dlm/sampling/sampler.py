@@ -53,7 +53,7 @@ class SamplerConfig(BaseModel):
     remasking: Literal["low_confidence", "random"] = Field("low_confidence", description="llada: which masked positions each step commits: the most confident (LLaDA's default) or uniformly random ones (LLaDA's random remasking = MDLM/SMDM random-order ancestral sampling at temperature 1)")
     block_size: int = Field(32, gt=0, description="semi-autoregressive block size; blocks are decoded left to right")
     threshold: float = Field(0.9, ge=0.0, le=1.0, description="threshold sampler: commit every masked position whose confidence exceeds tau (at least one per step)")
-    cache: Literal["none", "prefix", "dual"] = Field("dual", description="threshold sampler: approximate KV cache refreshed at block boundaries (prefix, or prefix + suffix); used when the denoiser supports it")
+    cache: Literal["none", "prefix", "dual", "block"] = Field("dual", description="threshold sampler: approximate KV cache refreshed at block boundaries (prefix, or prefix + suffix); used when the denoiser supports it. block (experimental, either sampler): exact cache of finished blocks for a block-causal model (docs/sampling.md)")
     cfg_weight: float = Field(0.0, ge=0.0, description="unsupervised classifier-free guidance weight w (SMDM: 0.5..1.6); 0 disables the unconditional pass")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy; > 0: sample from the tempered distribution")
     top_k: int = Field(0, ge=0, description="sample among the k most likely tokens only (0: all)")
@@ -172,11 +172,28 @@ class _Predictor:
         if denoiser.spec.shift:
             first = attention_mask.long().argmax(-1)  # first real position of each row
             self.blank[torch.arange(len(first)), first] = False
-        wants_cache = cfg.sampler == "threshold" and cfg.cache != "none"
+        self.block_causal = cfg.cache == "block"
+        if self.block_causal:
+            self._check_block_causal(denoiser, cfg)
+        wants_cache = cfg.sampler == "threshold" and cfg.cache in ("prefix", "dual")
         self.use_cache = wants_cache and callable(getattr(denoiser, "block_cache", None))
         if wants_cache and not self.use_cache:
             log.info("denoiser %s has no block_cache(): sampling without a KV cache", type(denoiser).__name__)
         self.state = None
+
+    @staticmethod
+    def _check_block_causal(denoiser, cfg: SamplerConfig) -> None:
+        from dlm_factory.dlm.diffusion.block_causal import trained_block_size
+
+        if not callable(getattr(denoiser, "causal_blocks", None)):
+            raise FactoryError(f"cache='block' needs a single model denoiser, not {type(denoiser).__name__}")
+        size = trained_block_size(denoiser.spec)
+        if size is None:
+            raise FactoryError("cache='block' needs a block-causal model (factory distill --block-causal N); "
+                               "this one was trained with bidirectional attention")
+        if size != cfg.block_size:
+            raise FactoryError(f"the model was trained block-causal with blocks of {size}; "
+                               f"decode with block_size {size}, not {cfg.block_size}")
 
     def _inputs(self, x):
         if not self.guided:
@@ -193,6 +210,10 @@ class _Predictor:
     def __call__(self, x: torch.Tensor, block: tuple[int, int], first: bool) -> torch.Tensor:
         s, e = block
         inputs = self._inputs(x)
+        if self.block_causal:
+            if self.state is None:
+                self.state = self.denoiser.causal_blocks(self.am, self.cfg.block_size)
+            return self._finish(self.state(inputs, block))
         if not self.use_cache:
             return self._finish(self.denoiser(inputs, self.am)[:, s:e])
         if first:  # block boundary: full forward, refresh the cache

@@ -64,6 +64,7 @@ class DistillConfig(BaseModel):
     teacher_temperature: float = Field(0.0, ge=0, description="0: the teacher's greedy continuations; > 0: its samples at this temperature (keeps the student's sampling diverse)")
     suffix_fraction: float = Field(0.5, ge=0, le=1, description="share of rows masked as a suffix (clean prefix, masks after a random cut) instead of at random")
     certainty: float = Field(0.0, ge=0, description="weight of the dParallel certainty term: entropy at correctly predicted masked positions (0: off)")
+    block_causal: int = Field(0, ge=0, description="0: bidirectional attention; N (experimental): block-causal adaptation with blocks of N tokens (BD3-LM objective, per-block noise; decode with cache='block', docs/sampling.md; suffix_fraction unused)")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=150, batch_size=16, lr=1e-3, warmup_steps=10),
                                description="optimisation settings")
 
@@ -78,7 +79,9 @@ class DistillResult:
 
 def distill_key(model: str | os.PathLike, teacher: str | os.PathLike, cfg: DistillConfig) -> StageKey:
     """What decides whether a distillation output is done: student, teacher and corpus by content, the config."""
-    return StageKey(stage="distill", config=cfg.model_dump(),
+    # block_causal joins the key only when set, so bidirectional outputs made before it existed stay done
+    config = cfg.model_dump(exclude=set() if cfg.block_causal else {"block_causal"})
+    return StageKey(stage="distill", config=config,
                     inputs={"model": model_digest(materialize(model)), "teacher": model_digest(materialize(teacher)),
                             "data": source_digest(cfg.data)})
 
@@ -148,6 +151,8 @@ def distill(model: str | os.PathLike, teacher: str | os.PathLike, output: str | 
     from dlm_factory.dlm.sampling.speculative import check_pair
 
     check_output(output, overwrite=overwrite)
+    if cfg.block_causal and cfg.certainty > 0:
+        raise FactoryError("block-causal distillation has no certainty term (set certainty 0)")
     key = distill_key(model, teacher, cfg)
     student, ar = load_model(model), load_model(teacher)
     check_pair(student, ar, roles=("student", "teacher"))
@@ -169,6 +174,12 @@ def distill(model: str | os.PathLike, teacher: str | os.PathLike, output: str | 
     spec = student.spec
 
     def objective(m, batch, step, generator):
+        if cfg.block_causal:  # the prompt length varies by step, so blocks are not tied to absolute positions
+            from dlm_factory.dlm.diffusion.block_causal import block_diffusion_loss
+
+            cut = int(torch.randint(cfg.prompt_len // 2, cfg.prompt_len + 1, (1,), generator=generator,
+                                    device=generator.device))
+            return block_diffusion_loss(m, spec, batch["input_ids"], max(cut, 1), cfg.block_causal, generator)
         return distill_loss(m, spec, batch["input_ids"], cfg.prompt_len, cfg, generator)
 
     mb = cfg.train.micro_batch()

@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length", type=int, help="teacher continuation length (default: 96)")
     p.add_argument("--suffix-fraction", type=float, help="share of rows masked as a suffix (default: 0.5)")
     p.add_argument("--certainty", type=float, help="weight of the certainty (entropy) term (default: 0)")
+    p.add_argument("--block-causal", type=int, metavar="N",
+                   help="experimental: adapt to block-causal attention with blocks of N (decode with --cache block)")
     p.add_argument("--teacher-temperature", type=float,
                    help="0: the teacher's greedy continuations (default); > 0: its samples at this temperature")
     add_training(p, steps=150, batch_size=16, lr=1e-3)
@@ -39,6 +41,7 @@ def _distill(args) -> int:
 
     cfg = stage_config(DistillConfig(), args, data=args.data, prompts=args.prompts, prompt_len=args.prompt_len,
                        length=args.length, suffix_fraction=args.suffix_fraction, certainty=args.certainty,
+                       block_causal=args.block_causal,
                        teacher_temperature=args.teacher_temperature)
     teacher = args.teacher or lineage_root(materialize(args.model), "")
     if not teacher:

@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "ancestral sampling with --temperature 1)")
     p.add_argument("--threshold", type=float, help="threshold sampler: confidence tau (default: 0.9)")
     p.add_argument("--block-size", type=int, help="semi-autoregressive block size (default: 32)")
-    p.add_argument("--cache", choices=["none", "prefix", "dual"], help="threshold sampler: KV cache (default: dual)")
+    p.add_argument("--cache", choices=["none", "prefix", "dual", "block"],
+                   help="threshold sampler: KV cache (default: dual); block: exact cache of a block-causal model")
     p.add_argument("--cfg", type=float, help="unsupervised classifier-free guidance weight (default: 0)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default: 0)")
     p.add_argument("--top-k", type=int, help="top-k sampling (default: 0 = off)")

@@ -81,3 +81,19 @@ def bos_tokenizer(texts: list[str], vocab_size: int = 300):
                                                        show_progress=False))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def sharp_llama(vocab_size: int):
+    """A random bidirectional Llama with sharp, context-dependent predictions (seed 0): equality checks of
+    samplers and caches are not vacuous on it, where a briefly trained tiny model answers whitespace."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dlm_factory.dlm.checkpoint.io import set_bidirectional
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.3)
+    model = LlamaForCausalLM(config).eval()
+    set_bidirectional(model)
+    return model

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dlm_factory.cli import main
-from dlm_factory.dlm.checkpoint.io import Loaded, load_model, set_bidirectional
+from dlm_factory.dlm.checkpoint.io import Loaded, load_model
 from dlm_factory.dlm.checkpoint.spec import DiffusionSpec
 from dlm_factory.dlm.diffusion.denoiser import ModelDenoiser
 from dlm_factory.dlm.errors import FactoryError
@@ -23,6 +23,7 @@ from dlm_factory.dlm.sampling.sampler import (
     sample,
     steps_per_block,
 )
+from tests.dlm.helpers import sharp_llama
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
 
@@ -44,14 +45,7 @@ def dlm(tiny_dlm) -> Loaded:
 @pytest.fixture(scope="module")
 def rand(dlm) -> ModelDenoiser:
     """Random bidirectional Llama with the tiny_dlm tokenizer and spec (shift on)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(dlm.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.3)
-    model = LlamaForCausalLM(config).eval()
-    set_bidirectional(model)
+    model = sharp_llama(len(dlm.tokenizer))
     return ModelDenoiser(Loaded(model, dlm.tokenizer, dlm.spec))
 
 
@@ -332,6 +326,7 @@ def test_cli_generate_prints_text_and_streams(tiny_dlm, capsys):
     (["--length", "200", "--prompt", "x = 1\n" * 40], "exceeds the model's context of 256 positions"),
     (["--length", "64", "--steps", "1", "--sampler", "llada"], "must be >= the number of blocks"),
     (["--remasking", "random"], "random remasking needs the llada sampler"),
+    (["--cache", "block"], "cache='block' needs a block-causal model"),
 ])
 def test_cli_bad_input_exits_2(tiny_dlm, capsys, flags, message):
     assert main(["generate", "--model", tiny_dlm, "--prompt", "x", *flags]) == 2
