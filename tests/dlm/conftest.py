@@ -8,8 +8,27 @@ fine-tuned for a few steps on one demo user's train split with the diffusion obj
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import TINY_SEQ
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many tiny forwards: one thread avoids OpenMP spin-waits when the cores are shared (same results).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dlm(tiny_dlm):
+    """``tiny_dlm`` loaded once per module."""
+    from dlm_factory.dlm.checkpoint.io import load_model
+
+    return load_model(tiny_dlm)
 
 
 def finetune_dlm(src: str, docs, out, *, steps: int = 15, lr: float = 3e-3, seed: int = 0) -> str:

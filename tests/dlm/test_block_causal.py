@@ -27,18 +27,7 @@ from dlm_factory.dlm.errors import FactoryError
 from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
 from tests.dlm.helpers import sharp_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dlm(tiny_dlm) -> Loaded:
-    return load_model(tiny_dlm)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/dlm/conftest.py; ``dlm`` comes from there too
 
 
 def block_spec(spec, size: int | None):

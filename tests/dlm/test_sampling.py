@@ -28,18 +28,7 @@ from tests.dlm.helpers import sharp_llama
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny forwards: one thread avoids OpenMP spin-waits when the cores are shared (same results)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dlm(tiny_dlm) -> Loaded:
-    return load_model(tiny_dlm)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/dlm/conftest.py; ``dlm`` comes from there too
 
 
 @pytest.fixture(scope="module")
