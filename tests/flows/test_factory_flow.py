@@ -42,6 +42,20 @@ def _task_runs_since(start) -> list:
     return asyncio.run(read())
 
 
+def _settled_task_runs_since(start, timeout: float = 60.0) -> list:
+    """``_task_runs_since`` once every run has a final state, or after ``timeout`` seconds.
+
+    Prefect 3 records task-run states from the client's events in the background (the
+    server's task_run_recorder), retrying a flush that SQLite refuses ("database is
+    locked" under load), so a finished task can still read as Running for a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _task_runs_since(start)
+        if all(t.state.is_final() for t in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
 def _artifacts() -> dict[str, list]:
     """Key -> the artifacts (oldest first) under that key."""
     from prefect.client.orchestration import get_client
@@ -107,7 +121,7 @@ def test_rerun_reuses_every_stage_then_retrain_redoes_only_the_changed_user(tmp_
                       "load": os.getloadavg()}))
     assert again["failed"] == [] and [r["answer"] for r in again["users"]] == [r["answer"] for r in first["users"]]
     assert _records(home) == before  # no stage wrote its output again
-    runs = _task_runs_since(start)
+    runs = _settled_task_runs_since(start)
     assert len(runs) > 20  # every stage's tasks ran (and were reused), subflows' included
     assert all(t.state.is_completed() for t in runs), {t.name: t.state.name for t in runs if not t.state.is_completed()}
     cached = {t.name for t in runs if t.state.name == "Cached"}
