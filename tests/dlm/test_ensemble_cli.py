@@ -66,6 +66,14 @@ def test_each_ensemble_carries_its_users_router_and_a_tampered_one_is_refused(ca
     path.unlink()
     code, _, err = run(capsys, "generate", "--ensemble", str(copy), "--prompt", "x = 1\n", "--prompt", "y\n")
     assert_one_line_error(code, err, "has no router.safetensors")
+    # an ENSEMBLE.json from before the n-gram router (no rule): its specialists route, as they did then
+    for user in ("email", "json"):
+        spec_path = copy / user / "ENSEMBLE.json"
+        legacy = json.loads(spec_path.read_text())
+        legacy["router"] = {"prefix_tokens": 16, "mc_samples": 4, "seed": 0, "batch_size": 128}
+        spec_path.write_text(json.dumps(legacy))
+    code, out, _ = run(capsys, "ensemble", "route", "--ensemble", str(copy), "--prompt", "x = 1\n", "--json")
+    assert code == 0 and json.loads(out)["rule"] == "prefix_elbo" and json.loads(out)["prefix_tokens"] == 16
     # with one user named, nothing is routed: the router is not needed
     code, _, _ = run(capsys, "generate", "--ensemble", str(copy), "--user", "email", "--prompt", "x", "--length", "8",
                      "--block-size", "8")
