@@ -56,10 +56,9 @@ class NgramLM:
         if vocab_size < 1:
             raise FactoryError(f"vocabulary size {vocab_size}: expected at least 1")
         self.order, self.discount, self.vocab_size = order, float(discount), int(vocab_size)
-        self.counts = dict(counts)
         # tables[n - 1]: n-gram -> count (raw at the top order, continuation below)
-        tables: list[Counter] = [Counter() for _ in range(order)]
-        tables[-1].update(self.counts)
+        tables: list[Counter] = [Counter() for _ in range(order - 1)] + [Counter(counts)]
+        self.counts = tables[-1]  # the top-order counts: all that is stored
         for n in range(order - 1, 0, -1):
             for gram in tables[n]:
                 tables[n - 1][gram[1:]] += 1

@@ -50,12 +50,18 @@ class RouterConfig(BaseModel):
     batch_size: int = Field(128, gt=0, description="prefix_elbo: rows (prompt x draw) per forward pass")
 
 
-def _prefix_rows(prompts: list[list[int]], cfg: RouterConfig):
-    """Right-padded prefixes [P, 1 + M] (start token + M tokens) with their attention mask."""
+def _prefixes(prompts: list[list[int]], cfg: RouterConfig) -> list[list[int]]:
+    """Each prompt's start token + first M tokens; a prompt with nothing after the start token is refused."""
     cut = [list(p[: 1 + cfg.prefix_tokens]) for p in prompts]
     short = [i for i, p in enumerate(cut) if len(p) < 2]
     if short:
         raise FactoryError(f"prompt {short[0]} has no token to route on (it needs at least one token after the start token)")
+    return cut
+
+
+def _prefix_rows(prompts: list[list[int]], cfg: RouterConfig):
+    """Right-padded prefixes [P, 1 + M] (start token + M tokens) with their attention mask."""
+    cut = _prefixes(prompts, cfg)
     T = max(len(p) for p in cut)
     ids = torch.zeros(len(cut), T, dtype=torch.long)
     am = torch.zeros_like(ids)
@@ -121,26 +127,20 @@ def prefix_ngram(routers: dict[str, NgramLM], prompts: list[list[int]], cfg: Rou
     if len(sizes) > 1:
         raise FactoryError(f"the routers were counted over different vocabularies ({sorted(sizes)}): "
                            f"they must share the general model's tokenizer")
-    ids, am = _prefix_rows(prompts, cfg) if prompts else (torch.zeros(0, 0, dtype=torch.long), None)
-    out = torch.zeros(len(prompts), len(routers))
-    for p in range(len(prompts)):
-        row = ids[p][: int(am[p].sum())].tolist()
-        for k, lm in enumerate(routers.values()):
-            out[p, k] = lm.nll(row) / (len(row) - 1) / math.log(2)
-    return out
+    return torch.tensor([[lm.nll(row) / (len(row) - 1) / math.log(2) for lm in routers.values()]
+                         for row in _prefixes(prompts, cfg)]).reshape(len(prompts), len(routers))
 
 
 def prefix_scores(scorers: dict[str, object], prompts: list[list[int]], cfg: RouterConfig | None = None) -> torch.Tensor:
     """[P, K] bits/token by ``cfg.rule``: ``scorers`` are the users' ``NgramLM`` routers (prefix_ngram)
     or their specialist denoisers (prefix_elbo)."""
     cfg = cfg or RouterConfig()
-    want = NgramLM if cfg.rule == "prefix_ngram" else None
-    wrong = [u for u, s in scorers.items() if (want is None) == isinstance(s, NgramLM)]
+    ngram = cfg.rule == "prefix_ngram"
+    wrong = [u for u, s in scorers.items() if isinstance(s, NgramLM) != ngram]
     if wrong:
-        need = "an n-gram router (NgramLM)" if want else "a specialist denoiser"
+        need = "an n-gram router (NgramLM)" if ngram else "a specialist denoiser"
         raise FactoryError(f"router rule {cfg.rule} needs {need} per user; user {wrong[0]} has another kind")
-    score = prefix_ngram if cfg.rule == "prefix_ngram" else prefix_elbo
-    return score(scorers, prompts, cfg)
+    return (prefix_ngram if ngram else prefix_elbo)(scorers, prompts, cfg)
 
 
 def route(scorers: dict[str, object], prompts: list[list[int]], cfg: RouterConfig | None = None) -> list[str]:
