@@ -172,16 +172,15 @@ def export_4bit(bf16_dir: str | os.PathLike, dest: str | os.PathLike, cfg: QLora
 
     dest = Path(dest)
     choices = [True, False] if cfg.export_double_quant is None else [cfg.export_double_quant]
+    outs = {dq: dest.with_name(f"{dest.name}.{'dq' if dq else 'sq'}") for dq in choices}
     sizes: dict[bool, int] = {}
-    for dq in choices:
-        out = dest.with_name(f"{dest.name}.{'dq' if dq else 'sq'}")
+    for dq, out in outs.items():
         q = load_model(bf16_dir, quantization=bnb_config(cfg, double_quant=dq), dtype=torch.bfloat16)
         save_model(q, out, overwrite=True)
         store_embeddings_4bit(out, embedding_keys(q.model), double_quant=cfg.export_double_quant)
         sizes[dq] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     best = min(choices, key=lambda dq: (sizes[dq], dq))  # a tie keeps single quantization (exact block constants)
-    for dq in choices:
-        out = dest.with_name(f"{dest.name}.{'dq' if dq else 'sq'}")
+    for dq, out in outs.items():
         if dq == best:
             out.rename(dest)
         else:
