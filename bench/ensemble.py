@@ -70,7 +70,7 @@ from dlm_factory.dlm.evaluation.router import (
     routing_accuracy,
 )
 from dlm_factory.dlm.sampling.generate import encode_prompts
-from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
+from dlm_factory.dlm.sampling.sampler import SamplerConfig, random_order, sample
 from dlm_factory.dlm.stages.ensemble import EnsembleConfig, build_ensemble, split_windows
 from dlm_factory.dlm.train.loop import train
 from dlm_factory.home import factory_home
@@ -302,8 +302,7 @@ def main(argv=None) -> int:
 
     # 1 + 2: per user, the diffusion ensemble (tuned, gated) and the AR collaboration
     t_measure = time.perf_counter()
-    gate_sampler = GateConfig().sampler  # the gate's own (random-order ancestral, t = 1), at the bench's length
-    sampler = gate_sampler.model_copy(update={"length": args.length, "block_size": min(gate_sampler.block_size, args.length)})
+    sampler = random_order(args.length)  # the gate's own sampler (random-order ancestral, t = 1), at the bench's length
     per_user = {}
     for u in users:
         say(f"ensemble for {u}")

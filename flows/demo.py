@@ -19,7 +19,7 @@ from dlm_factory.dlm.evaluation.corpus import EvalConfig
 from dlm_factory.dlm.evaluation.decoding import DraftEvalConfig
 from dlm_factory.dlm.evaluation.gate import GateConfig
 from dlm_factory.dlm.evaluation.instruct import InstructEvalConfig
-from dlm_factory.dlm.sampling.sampler import SamplerConfig
+from dlm_factory.dlm.sampling.sampler import SamplerConfig, random_order
 from dlm_factory.dlm.sampling.speculative import SpeculativeConfig
 from dlm_factory.dlm.stages.bootstrap import BootstrapConfig
 from dlm_factory.dlm.stages.convert import ConvertConfig
@@ -56,13 +56,6 @@ def _demo_distill() -> DistillConfig:
     return DistillConfig(prompts=256, length=64, train=TrainConfig(steps=100, batch_size=16, lr=1e-3, warmup_steps=10))
 
 
-def _answer_sampler(length: int) -> SamplerConfig:
-    """Random-order ancestral sampling at temperature 1, one block: the demo's models are small enough that
-    confidence-ordered greedy decoding collapses into newlines ('#' and blank lines, measured on a
-    fresh-clone demo); random order does not (docs/sampling.md, the collapse study)."""
-    return SamplerConfig(sampler="llada", length=length, block_size=length, remasking="random", temperature=1.0)
-
-
 class FactoryConfig(BaseModel):
     """Every stage's settings of the umbrella ``factory`` flow, in pipeline order."""
 
@@ -81,7 +74,9 @@ class FactoryConfig(BaseModel):
     ensemble: EnsembleConfig = Field(default_factory=_demo_ensemble,
                                      description=f"each user's ensemble and its validation gate (user {TEMPLATE_USER!r} is replaced per user)")
     prompt: str = Field("import {package}\n", description="what each user's pulled ensemble answers ({package}: the user's package)")
-    sampler: SamplerConfig = Field(default_factory=lambda: _answer_sampler(48), description="decoding of the answers (default: random-order ancestral sampling at temperature 1)")
+    # random order: the demo's models are small enough that confidence-ordered greedy decoding collapses
+    # into newlines ('#' and blank lines, measured on a fresh-clone demo); random order does not
+    sampler: SamplerConfig = Field(default_factory=lambda: random_order(48), description="decoding of the answers (default: random-order ancestral sampling at temperature 1)")
     max_parallel: int = Field(2, ge=1, description="users trained at the same time")
 
 
@@ -110,6 +105,6 @@ PROFILES: dict[str, FactoryConfig] = {
         specialize=SpecializeConfig(seq_len=64, train=_tiny(4), eval_windows=4, mc_samples=2),
         ensemble=EnsembleConfig(user=TEMPLATE_USER, lambdas=[1.0], seq_len=32, max_windows=6, mc_samples=2,
                                 gate=GateConfig(prompts=0, z=0.0, margin=-1.0)),
-        sampler=_answer_sampler(16),
+        sampler=random_order(16),
     ),
 }

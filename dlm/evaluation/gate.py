@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from dlm_factory.dlm.evaluation.likelihood import paired_elbo
 from dlm_factory.dlm.evaluation.metrics import judge_nlls, paired_difference, parses, pooled_mean
-from dlm_factory.dlm.sampling.sampler import SamplerConfig, sample
+from dlm_factory.dlm.sampling.sampler import SamplerConfig, random_order, sample
 
 GATE_JSON = "gate.json"
 GATE_MD = "gate.md"
@@ -48,8 +48,7 @@ def _default_sampler() -> SamplerConfig:
     small models both contenders' greedy samples collapse into repeated newlines, which the
     blank check then refuses for whichever collapses harder (measured: every demo user's
     pool ensemble, 1.0 blank vs the general model's 0.0). Same seed for both contenders."""
-    return SamplerConfig(sampler="llada", length=64, block_size=64, remasking="random", temperature=1.0,
-                         stop_at_eos=True)
+    return random_order(64)
 
 
 class GateConfig(BaseModel):

@@ -20,9 +20,7 @@ def judge_nll(judge, prompts: list[list[int]], continuations: list[list[int]], b
     """Mean per-token NLL in nats of ``continuations[i]`` given ``prompts[i]`` under ``judge``, tokens pooled
     over all continuations (a long sample weighs more); NaN when every continuation is empty.
     See ``judge_nlls`` for the rules."""
-    sums = judge_nlls(judge, prompts, continuations, batch_size)
-    count = sum(n for _, n in sums)
-    return sum(t for t, _ in sums) / count if count else float("nan")
+    return pooled_mean(judge_nlls(judge, prompts, continuations, batch_size))[0]
 
 
 def judge_nlls(judge, prompts: list[list[int]], continuations: list[list[int]],

@@ -73,6 +73,12 @@ class SamplerConfig(BaseModel):
         return self.steps if self.steps is not None else self.length
 
 
+def random_order(length: int) -> SamplerConfig:
+    """Random-order ancestral sampling at temperature 1 (MDLM; LLaDA's ``random`` remasking), one block
+    of ``length``: the unbiased reference for sample quality (docs/sampling.md, the collapse study)."""
+    return SamplerConfig(sampler="llada", length=length, block_size=length, remasking="random", temperature=1.0)
+
+
 @dataclass
 class Step:
     """What one denoising step committed (passed to ``on_step`` for streaming).
